@@ -1,0 +1,54 @@
+"""Fit a Sparse Attention Vector classifier on Ray and write its artifact.
+
+Locally (starts a Ray of its own):
+    python jobs/fit.py --model data/demo/model --train data/demo/train.jsonl --output /abs/sav
+
+On a cluster (joins it; outputs must be absolute paths, URIs or --register):
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/fit.py --model Qwen/Qwen2-VL-2B-Instruct --train /data/train.jsonl \
+        --actors 4 --gpus-per-actor 1 --output /shared/savs/pets-v1
+
+Refit with another k or selection from saved vectors, without the model:
+    python jobs/fit.py --from-vectors /abs/vectors --num-heads 10 --output /abs/sav-k10
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
+
+from sav_ray.artifact import write_artifact  # noqa: E402
+from sav_ray.config import FitConfig  # noqa: E402
+from sav_ray.errors import ConfigError, user_message  # noqa: E402
+from sav_ray.fitting import fit, init_ray  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = FitConfig.from_args(argv)
+        if cfg.output and Path(cfg.output).exists() and not cfg.overwrite:
+            raise ConfigError(
+                f"--output {cfg.output}: already exists; pass --overwrite to replace it"
+            )
+        init_ray()
+        artifact, stats = fit(cfg)
+        artifact = write_artifact(artifact, cfg.output, overwrite=cfg.overwrite)
+    except Exception as e:
+        message = user_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    heads = ", ".join(f"L{layer}H{head}" for layer, head in artifact.heads[:5])
+    print(
+        f"fitted {stats.examples} examples ({stats.forward_rows:.0f} model rows) "
+        f"in {stats.wall_seconds:.1f}s; train accuracy {stats.train_accuracy:.3f}; "
+        f"top heads {heads}; artifact {cfg.output}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Job configs: one typed object per job, validated once, logged whole to MLflow.
+
+`FitConfig.from_args()` is the whole command line of `jobs/fit.py`; each check names the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from sav_ray.errors import ConfigError
+from sav_ray.manifest import ManifestFields
+from sav_ray.prompts import PromptConfig
+from sav_ray.reduce import SELECTION_METHODS
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which frozen model, and how to place it."""
+
+    model: str = ""
+    revision: str | None = None
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    device_map: str | None = None  # e.g. "auto" to spread one model over an actor's GPUs
+    batch_size: int = 8
+    actors: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+
+
+@dataclass(frozen=True)
+class FitConfig(ModelConfig):
+    train: str = ""
+    output: str = ""
+    num_heads: int = 20
+    selection: str = "paper"
+    save_vectors: str | None = None
+    from_vectors: str | None = None
+    vectors_dtype: str = "float32"
+    image_field: str = "image"
+    text_field: str = "question"
+    label_field: str = "label"
+    id_field: str | None = None
+    text_template: str = "{text}"
+    system_prompt: str | None = None
+    overwrite: bool = False
+    register: str | None = None
+    experiment: str = "sav-ray"
+
+    @property
+    def manifest_fields(self) -> ManifestFields:
+        return ManifestFields.from_flags(
+            image=self.image_field, text=self.text_field, label=self.label_field, id=self.id_field
+        )
+
+    @property
+    def prompt(self) -> PromptConfig:
+        return PromptConfig(text_template=self.text_template, system_prompt=self.system_prompt)
+
+    def validate(self) -> FitConfig:
+        if not self.from_vectors and not (self.model and self.train):
+            raise ConfigError("give --model and --train, or --from-vectors DIR")
+        if not self.output and not self.register:
+            raise ConfigError(
+                "give --output DIR (an absolute path under `ray job submit`) or --register NAME"
+            )
+        if self.selection not in SELECTION_METHODS:
+            raise ConfigError(f"--selection {self.selection!r}: choose one of {SELECTION_METHODS}")
+        if self.num_heads < 1:
+            raise ConfigError(f"--num-heads {self.num_heads}: must be at least 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.actors < 1:
+            raise ConfigError(f"--actors {self.actors}: must be at least 1")
+        if self.vectors_dtype not in ("float32", "float16"):
+            raise ConfigError(f"--vectors-dtype {self.vectors_dtype!r}: choose float32 or float16")
+        if self.train and not Path(self.train).exists():
+            raise ConfigError(f"--train {self.train}: no such file")
+        if self.from_vectors and not Path(self.from_vectors).is_dir():
+            raise ConfigError(f"--from-vectors {self.from_vectors}: no such directory")
+        _ = self.prompt  # PromptConfig checks the template
+        return self
+
+    def to_params(self) -> dict[str, Any]:
+        """Flat params for MLflow (None as empty string)."""
+        return {k: ("" if v is None else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def parser(cls) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(
+            prog="jobs/fit.py",
+            description="Fit a Sparse Attention Vector classifier on Ray and write its artifact.",
+        )
+        add_model_args(p)
+        p.add_argument(
+            "--train", default="", help="labelled manifest: .jsonl, .json, .parquet or .csv"
+        )
+        p.add_argument(
+            "--output",
+            default="",
+            help="artifact directory to write (absolute or URI under ray job submit)",
+        )
+        p.add_argument("--num-heads", type=int, default=20, help="k: heads to keep (default 20)")
+        p.add_argument("--selection", default="paper", choices=SELECTION_METHODS)
+        p.add_argument(
+            "--save-vectors",
+            default=None,
+            metavar="DIR",
+            help="also write the per-example vectors as Parquet",
+        )
+        p.add_argument(
+            "--from-vectors",
+            default=None,
+            metavar="DIR",
+            help="refit from saved vectors, without the model",
+        )
+        p.add_argument("--vectors-dtype", default="float32", choices=("float32", "float16"))
+        p.add_argument(
+            "--image-field",
+            default="image",
+            help="image field(s), comma-separated (default: image)",
+        )
+        p.add_argument("--text-field", default="question")
+        p.add_argument("--label-field", default="label")
+        p.add_argument("--id-field", default=None)
+        p.add_argument(
+            "--text-template", default="{text}", help="prompt text; {text} is the row's text"
+        )
+        p.add_argument("--system-prompt", default=None)
+        p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+        p.add_argument(
+            "--register",
+            default=None,
+            metavar="NAME",
+            help="register the artifact in MLflow as NAME",
+        )
+        p.add_argument("--experiment", default="sav-ray", help="MLflow experiment name")
+        return p
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> FitConfig:
+        ns = cls.parser().parse_args(argv)
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in vars(ns).items() if k in names}).validate()
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The flags shared by every job that runs the frozen model."""
+    p.add_argument(
+        "--model", default="", help="hub id or local folder of an image-text-to-text model"
+    )
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument(
+        "--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16"
+    )
+    p.add_argument(
+        "--device-map",
+        default=None,
+        help="accelerate device_map for a model spanning GPUs, e.g. auto",
+    )
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--actors", type=int, default=1, help="model replicas (Ray actors)")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)

@@ -1,0 +1,245 @@
+"""The fit on Ray Data: manifest -> decoded rows -> model actors -> vectors -> reducer -> artifact.
+
+The model runs once per example. Everything after it is passes over the (materialised or
+saved) vectors dataset that keep only fixed-size state: per-class sums and counts, then
+per-head hit counts, then the top-k vote's hits. Each block returns a partial, the driver
+merges them, so memory does not grow with the number of examples.
+
+    artifact, stats = fit(FitConfig(model=..., train=..., output=...))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sav_ray import reduce
+from sav_ray.artifact import BaseModelInfo, SavArtifact, Selection
+from sav_ray.config import FitConfig, ModelConfig
+from sav_ray.manifest import ManifestError, check_image_files, read_manifest, validate_for_fit
+from sav_ray.prompts import PromptConfig
+
+VECTORS_META = "sav_vectors.json"  # sidecar of a vectors dataset: model, prompt, labels
+
+
+@dataclass
+class FitStats:
+    examples: int
+    forward_rows: float  # rows the model ran; equals `examples` when each ran exactly once
+    train_accuracy: float  # top-k vote on the training set
+    wall_seconds: float
+    extract_seconds: float  # manifest read to materialised vectors (0 with --from-vectors)
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.examples / self.extract_seconds if self.extract_seconds else float("nan")
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster in RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS") or "local"
+        kwargs: dict[str, Any] = {"address": address, "log_to_driver": True}
+        if address == "local":
+            kwargs.update(num_cpus=num_cpus, include_dashboard=False)
+        ray.init(**kwargs)
+
+
+def manifest_dataset(table: Any, block_rows: int) -> Any:
+    """The normalised manifest as a Ray dataset in blocks of `block_rows` (parallel over actors)."""
+    import ray
+
+    n = table.num_rows
+    return ray.data.from_arrow([table.slice(i, block_rows) for i in range(0, n, block_rows)])
+
+
+# Decoding asks for a different CPU share than the model actors so Ray Data keeps it in its
+# own tasks instead of fusing it into the actors, where it would stall the model.
+DECODE_CPUS = 0.5
+
+
+def decoded_dataset(table: Any, block_rows: int) -> Any:
+    """The manifest's rows with their images decoded (`pixels`), in CPU tasks."""
+    from sav_ray.decode import decode_images
+
+    ds = manifest_dataset(table, block_rows)
+    return ds.map_batches(decode_images, batch_size=block_rows, num_cpus=DECODE_CPUS)
+
+
+def vectors_dataset(
+    table: Any, model: ModelConfig, prompt: PromptConfig, vectors_dtype: str
+) -> Any:
+    """Decode images in CPU tasks, then run the model actor pool: one row of vectors per example."""
+    import ray
+
+    from sav_ray.extract import ExtractVectors
+
+    ds = decoded_dataset(table, model.batch_size)
+    return ds.map_batches(
+        ExtractVectors,
+        fn_constructor_kwargs={
+            "model": model,
+            "prompt": prompt.to_dict(),
+            "vectors_dtype": vectors_dtype,
+        },
+        batch_size=model.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=model.actors),
+        num_gpus=model.gpus_per_actor,
+        num_cpus=model.cpus_per_actor,
+    )
+
+
+def _label_index(labels: tuple[str, ...], values: np.ndarray) -> np.ndarray:
+    lookup = {label: i for i, label in enumerate(labels)}
+    return np.array([lookup[str(v)] for v in values], dtype=np.int64)  # [batch]
+
+
+def _sums_of_block(batch: dict[str, np.ndarray], labels: tuple[str, ...]) -> dict[str, np.ndarray]:
+    part = reduce.ClassSums.from_batch(
+        labels, batch["vectors"], _label_index(labels, batch["label"])
+    )
+    out = {"sums": part.sums[None], "counts": part.counts[None]}
+    if "forward_rows" in batch:  # fresh from the model actors, not read back from Parquet
+        out["forward_rows"] = np.array([batch["forward_rows"].sum()])
+        out["model_info"] = np.array([json.dumps(sorted(set(batch["model_info"])))])
+    return out
+
+
+def _hits_of_block(
+    batch: dict[str, np.ndarray], sums: reduce.ClassSums, method: str
+) -> dict[str, np.ndarray]:
+    y = _label_index(sums.labels, batch["label"])
+    part = reduce.head_hits(batch["vectors"], y, sums, method)
+    return {"hits": part.hits[None], "n": np.array([part.n])}
+
+
+def _vote_hits_of_block(
+    batch: dict[str, np.ndarray], labels: tuple[str, ...], heads: np.ndarray, centroids: np.ndarray
+) -> dict[str, np.ndarray]:
+    y = _label_index(labels, batch["label"])
+    votes = reduce.classify(reduce.gather_heads(batch["vectors"], heads), centroids)
+    return {"correct": np.array([int((votes.label_idx == y).sum())]), "n": np.array([len(y)])}
+
+
+def _partials(ds: Any, fn: Any, **kwargs: Any) -> list[dict[str, np.ndarray]]:
+    """One partial per block, computed where the block lives, collected on the driver."""
+    return ds.map_batches(fn, batch_size=None, fn_kwargs=kwargs, num_cpus=1).take_all()
+
+
+def first_pass(
+    ds: Any, labels: tuple[str, ...], shape: tuple[int, int, int] | None
+) -> tuple[reduce.ClassSums, float, BaseModelInfo | None]:
+    """Class sums, the rows the model ran, and the base model as the actors loaded it."""
+    parts = _partials(ds, _sums_of_block, labels=labels)
+    total = reduce.ClassSums.zeros(labels, shape or parts[0]["sums"].shape[1:])
+    infos: set[str] = set()
+    forward_rows = 0.0
+    for p in parts:
+        total = total.merge(reduce.ClassSums(labels, p["sums"], p["counts"]))
+        if "model_info" in p:
+            forward_rows += float(p["forward_rows"])
+            infos.update(json.loads(str(p["model_info"])))
+    if len(infos) > 1:
+        raise RuntimeError(f"model actors disagree on the base model: {sorted(infos)}")
+    info = BaseModelInfo.from_dict(json.loads(infos.pop())) if infos else None
+    return total, forward_rows, info
+
+
+def head_hits(ds: Any, sums: reduce.ClassSums, method: str) -> reduce.HeadHits:
+    total = reduce.HeadHits.zeros(sums.shape[:2])
+    for p in _partials(ds, _hits_of_block, sums=sums, method=method):
+        total = total.merge(reduce.HeadHits(p["hits"], int(p["n"])))
+    return total
+
+
+def vote_accuracy(ds: Any, artifact: SavArtifact) -> float:
+    parts = _partials(
+        ds,
+        _vote_hits_of_block,
+        labels=tuple(artifact.labels),
+        heads=artifact.heads,
+        centroids=artifact.centroids,
+    )
+    return sum(int(p["correct"]) for p in parts) / sum(int(p["n"]) for p in parts)
+
+
+def write_vectors(ds: Any, out_dir: str, meta: dict[str, Any]) -> None:
+    """The vectors dataset (DESIGN.md): Parquet rows `id`, `label`, `vectors`, plus a JSON sidecar."""
+    path = Path(out_dir)
+    if path.exists() and any(path.iterdir()):
+        raise ManifestError(f"--save-vectors {out_dir}: folder is not empty; choose a new one")
+    ds.select_columns(["row", "id", "label", "vectors"]).write_parquet(str(path))
+    (path / VECTORS_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def read_vectors(in_dir: str) -> tuple[Any, dict[str, Any]]:
+    import ray
+
+    meta_file = Path(in_dir) / VECTORS_META
+    if not meta_file.is_file():
+        raise ManifestError(
+            f"--from-vectors {in_dir}: no {VECTORS_META}; give a folder written by --save-vectors"
+        )
+    meta = json.loads(meta_file.read_text())
+    return ray.data.read_parquet(in_dir, file_extensions=["parquet"]), meta
+
+
+def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
+    """Run the whole fit and return the artifact (not yet written) and its stats."""
+    started = time.perf_counter()
+    if cfg.from_vectors:
+        ds, meta = read_vectors(cfg.from_vectors)
+        labels, prompt = tuple(meta["labels"]), PromptConfig.from_dict(meta["prompt"])
+        info = BaseModelInfo.from_dict(meta["base_model"])
+        ds = ds.materialize()
+    else:
+        info = None
+        table = read_manifest(cfg.train, cfg.manifest_fields)
+        labels = validate_for_fit(table, cfg.selection)
+        check_image_files(table)
+        prompt = cfg.prompt
+        ds = vectors_dataset(table, cfg, prompt, cfg.vectors_dtype).materialize()
+    extract_seconds = 0.0 if cfg.from_vectors else time.perf_counter() - started
+    sums, forward_rows, actors_info = first_pass(ds, labels, None)
+    info = actors_info or info
+    if cfg.save_vectors:  # before selection: a bad --num-heads must not cost the model pass
+        meta = {
+            "labels": list(labels),
+            "base_model": info.to_dict(),
+            "prompt": prompt.to_dict(),
+            "vectors_dtype": cfg.vectors_dtype,
+        }
+        write_vectors(ds, cfg.save_vectors, meta)
+    scores = head_hits(ds, sums, cfg.selection).scores()  # [layer, head]
+    heads = reduce.select_heads(scores, cfg.num_heads)  # [k, 2]
+    centroids = reduce.gather_heads(sums.centroids(), heads)  # [class, k, head_dim]
+    artifact = SavArtifact(
+        labels=list(labels),
+        heads=heads,
+        centroids=centroids.astype(np.float32),
+        base_model=info,
+        prompt=prompt,
+        selection=Selection(
+            method=cfg.selection,
+            k=len(heads),
+            examples_per_class={lab: int(c) for lab, c in zip(labels, sums.counts, strict=True)},
+            scores=[float(scores[layer, head]) for layer, head in heads],
+        ),
+        head_scores=scores.astype(np.float32),
+    )
+    stats = FitStats(
+        examples=int(sums.counts.sum()),
+        forward_rows=forward_rows,
+        train_accuracy=vote_accuracy(ds, artifact),
+        wall_seconds=time.perf_counter() - started,
+        extract_seconds=extract_seconds,
+    )
+    return artifact, stats

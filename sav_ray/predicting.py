@@ -1,0 +1,99 @@
+"""Batch prediction on Ray Data: manifest -> decoded rows -> classifier actors -> results.
+
+The actor holds the base model and one artifact (checked against the model on load) and
+runs `predict_examples`: one forward pass per row, stopped after the deepest selected layer.
+Results (one small record per row) are collected on the driver and written as Parquet or JSONL.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sav_ray.artifact import SavArtifact
+from sav_ray.config import ModelConfig
+from sav_ray.decode import object_column
+from sav_ray.errors import ConfigError
+from sav_ray.prompts import Example
+
+
+class ClassifyRows:
+    """Ray Data actor: decoded rows -> `{row, id, true_label, prediction (JSON)}`."""
+
+    def __init__(self, model: ModelConfig, artifact: SavArtifact) -> None:
+        import torch
+
+        from sav_ray.models import load_model
+
+        if model.cpus_per_actor >= 1:
+            torch.set_num_threads(int(model.cpus_per_actor))
+        self.lm = load_model(
+            model.model, model.revision, dtype=model.dtype, device_map=model.device_map
+        )
+        artifact.base_model.check_compatible(self.lm.info)
+        self.artifact = artifact
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from sav_ray.classify import predict_examples
+        from sav_ray.images import array_to_image
+
+        examples = [
+            Example(text=str(t), images=[array_to_image(a) for a in px], where=f"row {r}")
+            for r, t, px in zip(batch["row"], batch["text"], batch["pixels"], strict=True)
+        ]
+        preds = predict_examples(self.lm, self.artifact, examples)
+        return {
+            "row": batch["row"],
+            "id": batch["id"],
+            "true_label": batch["label"],
+            "prediction": object_column([json.dumps(p.to_dict()) for p in preds]),
+        }
+
+
+def predict_table(table: Any, model: ModelConfig, artifact: SavArtifact) -> list[dict[str, Any]]:
+    """Classify every manifest row; returns records in manifest order."""
+    import ray
+
+    from sav_ray.fitting import decoded_dataset
+
+    ds = decoded_dataset(table, model.batch_size).map_batches(
+        ClassifyRows,
+        fn_constructor_kwargs={"model": model, "artifact": artifact},
+        batch_size=model.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=model.actors),
+        num_gpus=model.gpus_per_actor,
+        num_cpus=model.cpus_per_actor,
+    )
+    records = []
+    for r in ds.take_all():
+        pred = json.loads(r["prediction"])
+        records.append(
+            {"row": int(r["row"]), "id": str(r["id"]), "true_label": r["true_label"], **pred}
+        )
+    return sorted(records, key=lambda rec: rec["row"])
+
+
+def accuracy(records: list[dict[str, Any]]) -> float | None:
+    """Fraction of labelled rows predicted right; None when no row has a label."""
+    labelled = [r for r in records if r["true_label"] not in (None, "")]
+    if not labelled:
+        return None
+    return sum(r["label"] == r["true_label"] for r in labelled) / len(labelled)
+
+
+def write_predictions(records: list[dict[str, Any]], path: str | Path) -> None:
+    """`.jsonl` (one JSON object per row) or `.parquet` (votes and scores as structs)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), path)
+    else:
+        raise ConfigError(f"--output {path}: use a .jsonl or .parquet file name")

@@ -1,0 +1,145 @@
+"""Capture on tiny random models of every supported family.
+
+The captured vector is the input of o_proj at the last real token, so o_proj applied to it
+must rebuild o_proj's own output there; batching, padding side and early exit must not
+change it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sav_ray.capture import HeadCapture, capture_examples, capture_inputs, last_token_positions
+from sav_ray.models import ModelLayoutError, find_heads
+from sav_ray.prompts import Example, PromptConfig, encode
+
+ARCHS = ["qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava", "gemma3"]
+PROMPT = PromptConfig()
+
+
+def image(seed: int, size: tuple[int, int]) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def examples() -> list[Example]:
+    return [
+        Example("What is in the image?", [image(0, (56, 56))]),
+        Example(
+            "a much longer question about the picture shown here, please", [image(1, (40, 64))]
+        ),
+        Example("Compare <image> with <image>: same?", [image(2, (56, 48)), image(3, (32, 32))]),
+    ]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def lm(request, tiny_model):
+    return tiny_model(request.param)
+
+
+def test_geometry_comes_from_o_proj(lm):
+    text = lm.model.config.get_text_config()
+    assert lm.info.num_layers == text.num_hidden_layers
+    assert lm.info.num_heads == text.num_attention_heads
+    assert lm.info.head_dim * lm.info.num_heads == lm.layout.o_projs[0].in_features
+    assert text.num_key_value_heads < text.num_attention_heads  # grouped-query attention
+
+
+def test_o_proj_of_captured_vector_equals_o_proj_output(lm):
+    inputs = dict(encode(lm.processor, examples()[:2], PROMPT))
+    outputs: dict[int, torch.Tensor] = {}
+    handles = [
+        o.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
+        for i, o in enumerate(lm.layout.o_projs)
+    ]
+    try:
+        vectors = capture_inputs(lm, inputs)  # [batch, layer, head, head_dim]
+    finally:
+        for h in handles:
+            h.remove()
+    positions = last_token_positions(inputs["attention_mask"])
+    rows = torch.arange(len(positions))
+    for layer, o_proj in enumerate(lm.layout.o_projs):
+        rebuilt = o_proj(vectors[:, layer].reshape(len(rows), -1))  # [batch, hidden]
+        own = outputs[layer][rows, positions]  # [batch, hidden]
+        torch.testing.assert_close(rebuilt, own, atol=1e-5, rtol=0)
+
+
+def test_padded_batch_equals_one_at_a_time(lm):
+    exs = examples()
+    batch = capture_examples(lm, exs, PROMPT)
+    single = np.concatenate([capture_examples(lm, [ex], PROMPT) for ex in exs])
+    assert batch.shape == (3, lm.info.num_layers, lm.info.num_heads, lm.info.head_dim)
+    np.testing.assert_allclose(batch, single, atol=1e-5, rtol=0)
+    assert np.abs(batch[0] - batch[1]).max() > 1e-3  # different prompts, different vectors
+
+
+def test_right_padding_finds_the_last_real_token(lm):
+    exs = examples()[:2]
+    left = capture_examples(lm, exs, PROMPT)
+    tokenizer = lm.processor.tokenizer
+    tokenizer.padding_side = "right"
+    try:
+        inputs = dict(encode(lm.processor, exs, PROMPT))
+        assert inputs["attention_mask"][:, -1].min() == 0  # really right-padded
+        right = capture_inputs(lm, inputs).numpy()
+    finally:
+        tokenizer.padding_side = "left"
+    np.testing.assert_allclose(right, left, atol=1e-5, rtol=0)
+
+
+def test_early_exit_gives_same_vectors_and_skips_later_layers(lm):
+    exs = examples()
+    full = capture_examples(lm, exs, PROMPT)
+    layers_run: list[int] = []
+    decoder_layers = lm.model.get_decoder().layers
+    handles = [
+        layer.register_forward_pre_hook(lambda m, a, i=i: layers_run.append(i))
+        for i, layer in enumerate(decoder_layers)
+    ]
+    try:
+        early = capture_examples(lm, exs, PROMPT, layers=[0, 1], early_exit=True)
+    finally:
+        for h in handles:
+            h.remove()
+    np.testing.assert_array_equal(early, full[:, :2])
+    assert max(layers_run) == 1  # layers 2 and 3 never ran
+
+
+def test_text_only_rows_and_two_images_in_one_batch(lm):
+    exs = [examples()[2], Example("no image here, just words", [])]
+    batch = capture_examples(lm, exs, PROMPT)
+    text_only = capture_examples(lm, exs[1:], PROMPT)
+    np.testing.assert_allclose(batch[1:], text_only, atol=1e-5, rtol=0)
+    assert np.isfinite(batch).all()
+
+
+def test_hooks_are_removed_even_on_error(lm):
+    o_proj = lm.layout.o_projs[0]
+    before = len(o_proj._forward_pre_hooks)
+    with pytest.raises(RuntimeError, match="boom"):
+        with HeadCapture(lm.layout, torch.tensor([0])):
+            assert len(o_proj._forward_pre_hooks) == before + 1
+            raise RuntimeError("boom")
+    assert len(o_proj._forward_pre_hooks) == before
+
+
+def test_system_prompt_and_template_change_the_prompt(lm):
+    ex = examples()[:1]
+    plain = capture_examples(lm, ex, PROMPT)
+    framed = capture_examples(
+        lm, ex, PromptConfig(text_template="Question: {text} Answer:", system_prompt="Be brief.")
+    )
+    assert np.abs(plain - framed).max() > 1e-4
+
+
+def test_unsupported_layout_names_the_model_class():
+    class NoLayers(torch.nn.Module):
+        def get_decoder(self):
+            return torch.nn.Linear(2, 2)
+
+    with pytest.raises(ModelLayoutError, match="NoLayers"):
+        find_heads(NoLayers())
