@@ -10,6 +10,10 @@ On a cluster (joins it; outputs must be absolute paths, URIs or --register):
 
 Refit with another k or selection from saved vectors, without the model:
     python jobs/fit.py --from-vectors /abs/vectors --num-heads 10 --output /abs/sav-k10
+
+Every fit is an MLflow run (params, metrics, the artifact, a head heat map) in the store of
+--tracking-uri, MLFLOW_TRACKING_URI or data/mlflow/ (sav_ray/tracking.py); a failed fit's run
+ends FAILED. `--register NAME` also makes the artifact a model version with alias `candidate`.
 """
 
 from __future__ import annotations
@@ -22,19 +26,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from sav_ray.artifact import write_artifact  # noqa: E402
 from sav_ray.config import FitConfig  # noqa: E402
 from sav_ray.errors import ConfigError, user_message  # noqa: E402
-from sav_ray.fitting import fit, init_ray  # noqa: E402
+from sav_ray.fitting import fit  # noqa: E402
+from sav_ray.registry import check_model_name, register_artifact  # noqa: E402
+from sav_ray.tracking import check_job_outputs, fit_run, log_fit  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = FitConfig.from_args(argv)
+        check_job_outputs(cfg)
+        check_model_name(cfg.register)
         if cfg.output and Path(cfg.output).exists() and not cfg.overwrite:
             raise ConfigError(
                 f"--output {cfg.output}: already exists; pass --overwrite to replace it"
             )
-        init_ray()
-        artifact, stats = fit(cfg)
-        artifact = write_artifact(artifact, cfg.output, overwrite=cfg.overwrite)
+        with fit_run(cfg) as run:  # ends FAILED if anything below raises: then no version
+            artifact, stats = fit(cfg)
+            out = cfg.output or run.scratch / "sav"
+            artifact = write_artifact(artifact, out, overwrite=cfg.overwrite)
+            log_fit(artifact, out, stats, vectors=cfg.save_vectors)
+            version = register_artifact(cfg.register, artifact, out) if cfg.register else None
     except Exception as e:
         message = user_message(e)
         if message is None:
@@ -45,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"fitted {stats.examples} examples ({stats.forward_rows:.0f} model rows) "
         f"in {stats.wall_seconds:.1f}s; train accuracy {stats.train_accuracy:.3f}; "
-        f"top heads {heads}; artifact {cfg.output}"
+        f"top heads {heads}; artifact {cfg.output or '(MLflow only)'}"
     )
+    print(f"MLflow run {run.run_id} in {run.uri}")
+    if version is not None:
+        print(f"registered models:/{version.name}/{version.version} (alias candidate)")
     return 0
 
 

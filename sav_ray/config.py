@@ -48,6 +48,7 @@ class FitConfig(ModelConfig):
     overwrite: bool = False
     register: str | None = None
     experiment: str = "sav-ray"
+    tracking_uri: str | None = None  # MLflow store; None: MLFLOW_TRACKING_URI or data/mlflow
 
     @property
     def manifest_fields(self) -> ManifestFields:
@@ -137,6 +138,11 @@ class FitConfig(ModelConfig):
             help="register the artifact in MLflow as NAME",
         )
         p.add_argument("--experiment", default="sav-ray", help="MLflow experiment name")
+        p.add_argument(
+            "--tracking-uri",
+            default=None,
+            help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite in data/mlflow/)",
+        )
         return p
 
     @classmethod

@@ -51,6 +51,9 @@ def init_ray(num_cpus: int | None = None) -> None:
         if address == "local":
             kwargs.update(num_cpus=num_cpus, include_dashboard=False)
         ray.init(**kwargs)
+    # Keep the core's own exception (e.g. "row 31: ...") instead of a generic UserCodeException,
+    # so jobs can print the user's mistake rather than a remote traceback.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
 
 
 def manifest_dataset(table: Any, block_rows: int) -> Any:
@@ -196,6 +199,7 @@ def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
     """Run the whole fit and return the artifact (not yet written) and its stats."""
     started = time.perf_counter()
     if cfg.from_vectors:
+        init_ray()
         ds, meta = read_vectors(cfg.from_vectors)
         labels, prompt = tuple(meta["labels"]), PromptConfig.from_dict(meta["prompt"])
         info = BaseModelInfo.from_dict(meta["base_model"])
@@ -206,6 +210,7 @@ def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
         labels = validate_for_fit(table, cfg.selection)
         check_image_files(table)
         prompt = cfg.prompt
+        init_ray()  # only once the manifest is known to be good
         ds = vectors_dataset(table, cfg, prompt, cfg.vectors_dtype).materialize()
     extract_seconds = 0.0 if cfg.from_vectors else time.perf_counter() - started
     sums, forward_rows, actors_info = first_pass(ds, labels, None)

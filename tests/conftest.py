@@ -44,3 +44,29 @@ def tiny_model(tiny_model_dir):
         return loaded[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory):
+    """The demo model (sav_ray.tiny.DEMO_MODEL): 48 heads."""
+    from sav_ray.tiny import build_demo_model
+
+    return build_demo_model(tmp_path_factory.mktemp("demo_model"))
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """{"train": manifest, "test": manifest}: 3 classes, 20 train and 10 test images each."""
+    from sav_ray.demo_data import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("demo_data"))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for the module (2 CPUs, no dashboard), shut down afterwards."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

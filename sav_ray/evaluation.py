@@ -1,0 +1,349 @@
+"""Evaluation: a SAV against two baselines on the same labelled rows, on Ray Data.
+
+Three methods see every row:
+- `sav`: the artifact's k selected heads vote (as jobs/predict.py and the server do).
+- `all_heads`: every head of the model votes for its nearest class centroid (cosine), with
+  centroids of all L x H heads from the training set: what head selection adds. A tie goes to
+  the tied class that the lowest (layer, head) voted for.
+- `zero_shot`: the base model generates up to `max_new_tokens` tokens for the row's prompt
+  (the artifact's prompt, greedy); the prediction is the label the answer names, as a whole
+  word, case-insensitive, the earliest mention winning (the paper matches labels in the
+  generated text). An answer naming no label counts as wrong.
+
+The artifact holds only the k selected heads' centroids, so the all-heads centroids are
+recomputed from the training rows with the fit's own first pass (`all_heads_centroids`):
+one extra model pass over the training manifest, or none from a saved vectors dataset.
+
+Metrics (pure numpy): accuracy, macro-F1, per-class recall, the confusion matrix, and the
+expected calibration error of the vote shares (the top score as confidence, 10 equal bins).
+
+    centroids = all_heads_centroids(artifact, model, train_table=train)    # [class, L, H, D]
+    records = evaluate_table(test, model, artifact, centroids)             # one row per row
+    report = summarize(records, artifact.labels)                           # method -> Metrics
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sav_ray import reduce
+from sav_ray.artifact import BaseModelInfo, SavArtifact
+from sav_ray.config import ModelConfig
+from sav_ray.manifest import ManifestError
+from sav_ray.prompts import Example, PromptConfig, encode
+
+METHODS = ("sav", "all_heads", "zero_shot")
+NO_LABEL = -1  # a zero-shot answer naming no label
+
+
+@dataclass(eq=False)
+class Metrics:
+    labels: list[str]
+    confusion: np.ndarray  # [true, predicted] int64; answers naming no label are left out
+    accuracy: float
+    macro_f1: float  # over the classes that occur as true or predicted labels
+    recall: dict[str, float]  # per class present in the data
+    ece: float | None  # None for a method without scores (zero-shot)
+    rows: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "labels": self.labels,
+            "confusion": self.confusion.tolist(),
+            "accuracy": self.accuracy,
+            "macro_f1": self.macro_f1,
+            "recall": self.recall,
+            "ece": self.ece,
+            "rows": self.rows,
+        }
+
+
+def confusion_matrix(true_idx: np.ndarray, pred_idx: np.ndarray, num_classes: int) -> np.ndarray:
+    """[true, predicted] counts; predictions equal to NO_LABEL are not counted."""
+    true_idx, pred_idx = np.asarray(true_idx), np.asarray(pred_idx)  # [n], [n]
+    answered = pred_idx != NO_LABEL
+    out = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(out, (true_idx[answered], pred_idx[answered]), 1)
+    return out
+
+
+def expected_calibration_error(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = 10
+) -> float:
+    """Sum over equal-width confidence bins of |accuracy - mean confidence| x share of rows.
+
+    Bins are (i/bins, (i+1)/bins], the first one also holding 0.
+    """
+    confidence = np.asarray(confidence, dtype=np.float64)  # [n]
+    correct = np.asarray(correct, dtype=np.float64)  # [n]
+    if confidence.shape != correct.shape or confidence.size == 0:
+        raise ValueError(f"need equal non-empty shapes, got {confidence.shape}, {correct.shape}")
+    if confidence.min() < 0 or confidence.max() > 1:
+        raise ValueError("confidences must be in [0, 1]")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.searchsorted(edges[1:-1], confidence, side="left")  # [n] bin index
+    ece = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+def compute_metrics(
+    labels: list[str],
+    true_idx: np.ndarray,
+    pred_idx: np.ndarray,
+    confidence: np.ndarray | None = None,
+) -> Metrics:
+    """true_idx, pred_idx [n] class indices (pred may be NO_LABEL); confidence [n] or None."""
+    true_idx, pred_idx = np.asarray(true_idx), np.asarray(pred_idx)
+    if true_idx.shape != pred_idx.shape or true_idx.size == 0:
+        raise ValueError(f"need equal non-empty shapes, got {true_idx.shape}, {pred_idx.shape}")
+    c = len(labels)
+    confusion = confusion_matrix(true_idx, pred_idx, c)
+    hits = np.diag(confusion).astype(np.float64)  # [class]
+    true_count = np.bincount(true_idx, minlength=c).astype(np.float64)  # [class]
+    pred_count = confusion.sum(axis=0).astype(np.float64)  # [class]
+    recall = np.divide(hits, true_count, out=np.zeros(c), where=true_count > 0)
+    precision = np.divide(hits, pred_count, out=np.zeros(c), where=pred_count > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(c), where=denom > 0)
+    present = (true_count > 0) | (pred_count > 0)
+    correct = pred_idx == true_idx
+    return Metrics(
+        labels=list(labels),
+        confusion=confusion,
+        accuracy=float(correct.mean()),
+        macro_f1=float(f1[present].mean()),
+        recall={labels[i]: float(recall[i]) for i in range(c) if true_count[i] > 0},
+        ece=None if confidence is None else expected_calibration_error(confidence, correct),
+        rows=int(true_idx.size),
+    )
+
+
+def match_label(answer: str, labels: list[str]) -> int:
+    """Index of the label the answer names first (whole word, any case), else NO_LABEL.
+
+    At the same position the longer label wins ("red car" over "red").
+    """
+    best, best_key = NO_LABEL, (len(answer) + 1, 0)
+    for i, label in enumerate(labels):
+        found = re.search(rf"(?<!\w){re.escape(label)}(?!\w)", answer, flags=re.IGNORECASE)
+        if found and (found.start(), -len(label)) < best_key:
+            best, best_key = i, (found.start(), -len(label))
+    return best
+
+
+def all_heads_votes(vectors: np.ndarray, centroids: np.ndarray) -> reduce.Votes:
+    """Every head votes: vectors [n, layer, head, head_dim], centroids [class, layer, head, head_dim]."""
+    n, num_layers, num_heads, head_dim = vectors.shape
+    flat = vectors.reshape(n, num_layers * num_heads, head_dim)  # [n, layer*head, head_dim]
+    return reduce.classify(flat, centroids.reshape(len(centroids), -1, head_dim))
+
+
+def generate_answers(
+    lm: Any, examples: list[Example], prompt: PromptConfig, max_new_tokens: int
+) -> list[str]:
+    """The base model's greedy answers to the examples' prompts (new tokens only, decoded)."""
+    import torch
+
+    tokenizer = lm.processor.tokenizer
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues every row from the last column
+    try:
+        inputs = encode(lm.processor, examples, prompt)
+    finally:
+        tokenizer.padding_side = side
+    inputs = {k: v.to(lm.input_device) if hasattr(v, "to") else v for k, v in inputs.items()}
+    with torch.inference_mode():
+        out = lm.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # [batch, prompt + new]
+    new = out[:, inputs["input_ids"].shape[1] :]  # [batch, new]
+    return lm.processor.batch_decode(new, skip_special_tokens=True)
+
+
+class EvaluateRows:
+    """Ray Data actor: decoded rows -> the three methods' predictions for each row.
+
+    One capture of every head (shared by `sav` and `all_heads`) and one generation per batch.
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        artifact: SavArtifact,
+        centroids: np.ndarray,  # [class, layer, head, head_dim]
+        max_new_tokens: int,
+    ) -> None:
+        import torch
+
+        from sav_ray.models import load_model
+
+        if model.cpus_per_actor >= 1:
+            torch.set_num_threads(int(model.cpus_per_actor))
+        self.lm = load_model(
+            model.model, model.revision, dtype=model.dtype, device_map=model.device_map
+        )
+        artifact.base_model.check_compatible(self.lm.info)
+        self.artifact = artifact
+        self.centroids = centroids
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from sav_ray.capture import capture_examples
+        from sav_ray.images import array_to_image
+
+        examples = [
+            Example(text=str(t), images=[array_to_image(a) for a in px], where=f"row {r}")
+            for r, t, px in zip(batch["row"], batch["text"], batch["pixels"], strict=True)
+        ]
+        art = self.artifact
+        vectors = capture_examples(self.lm, examples, art.prompt)  # [batch, layer, head, head_dim]
+        sav = reduce.classify(reduce.gather_heads(vectors, art.heads), art.centroids)
+        every = all_heads_votes(vectors, self.centroids)
+        answers = generate_answers(self.lm, examples, art.prompt, self.max_new_tokens)
+        return {
+            "row": batch["row"],
+            "id": batch["id"],
+            "true_label": batch["label"],
+            "sav": sav.label_idx,
+            "sav_confidence": sav.scores.max(axis=1),
+            "all_heads": every.label_idx,
+            "all_heads_confidence": every.scores.max(axis=1),
+            "zero_shot": np.array([match_label(a, art.labels) for a in answers], dtype=np.int64),
+            "zero_shot_answer": np.array(answers, dtype=object),
+        }
+
+
+def check_labels(table: Any, labels: list[str], flag: str) -> None:
+    """Every row of the manifest must have one of the artifact's labels."""
+    known = set(labels)
+    for row, label in zip(
+        table.column("row").to_pylist(), table.column("label").to_pylist(), strict=True
+    ):
+        if label is None or label not in known:
+            raise ManifestError(
+                f"{flag}: row {row} has label {label!r}, which the SAV does not know "
+                f"(its labels: {labels}); evaluate on rows labelled with these"
+            )
+
+
+def all_heads_centroids(
+    artifact: SavArtifact,
+    model: ModelConfig,
+    *,
+    train_table: Any = None,
+    vectors_dir: str | None = None,
+) -> np.ndarray:
+    """Class centroids of every head, [class, layer, head, head_dim], in the artifact's label
+    order: one model pass over `train_table`, or a pass over the saved vectors in `vectors_dir`."""
+    from sav_ray import fitting
+
+    labels = tuple(artifact.labels)
+    if vectors_dir:
+        ds, meta = fitting.read_vectors(vectors_dir)
+        if set(meta["labels"]) != set(labels):
+            raise ManifestError(
+                f"--train-vectors {vectors_dir}: labels {meta['labels']} differ from the "
+                f"SAV's {list(labels)}; give the vectors its fit used"
+            )
+        artifact.base_model.check_compatible(BaseModelInfo.from_dict(meta["base_model"]))
+    else:
+        check_labels(train_table, artifact.labels, "--train")
+        ds = fitting.vectors_dataset(train_table, model, artifact.prompt, "float32")
+    sums, _, info = fitting.first_pass(ds, labels, None)
+    if info is not None:
+        artifact.base_model.check_compatible(info)
+    return sums.centroids()  # [class, layer, head, head_dim]
+
+
+def evaluate_table(
+    table: Any,
+    model: ModelConfig,
+    artifact: SavArtifact,
+    centroids: np.ndarray,
+    max_new_tokens: int = 8,
+) -> list[dict[str, Any]]:
+    """Every row's predictions by the three methods, in manifest order."""
+    import ray
+
+    from sav_ray.fitting import decoded_dataset
+
+    ds = decoded_dataset(table, model.batch_size).map_batches(
+        EvaluateRows,
+        fn_constructor_kwargs={
+            "model": model,
+            "artifact": artifact,
+            "centroids": centroids,
+            "max_new_tokens": max_new_tokens,
+        },
+        batch_size=model.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=model.actors),
+        num_gpus=model.gpus_per_actor,
+        num_cpus=model.cpus_per_actor,
+    )
+    return sorted(ds.take_all(), key=lambda r: int(r["row"]))
+
+
+def summarize(records: list[dict[str, Any]], labels: list[str]) -> dict[str, Metrics]:
+    """Method -> Metrics over the records of `evaluate_table`."""
+    index = {label: i for i, label in enumerate(labels)}
+    true_idx = np.array([index[str(r["true_label"])] for r in records], dtype=np.int64)  # [n]
+    report = {}
+    for method in METHODS:
+        pred = np.array([int(r[method]) for r in records], dtype=np.int64)  # [n]
+        conf_key = f"{method}_confidence"
+        confidence = (
+            np.array([float(r[conf_key]) for r in records]) if conf_key in records[0] else None
+        )
+        report[method] = compute_metrics(labels, true_idx, pred, confidence)
+    return report
+
+
+def format_table(report: dict[str, Metrics], k: int, num_heads: int) -> str:
+    """The methods side by side, as printed by jobs/evaluate.py."""
+    names = {
+        "sav": f"SAV (k={k} heads)",
+        "all_heads": f"all heads ({num_heads}) vote",
+        "zero_shot": "zero-shot (generate, match label)",
+    }
+    lines = [f"{'method':<36}{'accuracy':>10}{'macro-F1':>10}{'ECE':>8}"]
+    for method, m in report.items():
+        ece = "-" if m.ece is None else f"{m.ece:.3f}"
+        lines.append(f"{names.get(method, method):<36}{m.accuracy:>10.3f}{m.macro_f1:>10.3f}{ece:>8}")
+    return "\n".join(lines)
+
+
+def confusion_figure(m: Metrics, title: str) -> Any:
+    """A matplotlib Figure of the confusion matrix (rows: true label, columns: predicted)."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, renders with Agg
+
+    c = len(m.labels)
+    size = min(14, 2.5 + 0.5 * c)
+    fig = Figure(figsize=(size + 1, size))
+    ax = fig.subplots()
+    image = ax.imshow(m.confusion, cmap="Blues")
+    ax.set_xticks(range(c), m.labels, rotation=45, ha="right")
+    ax.set_yticks(range(c), m.labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{title}: accuracy {m.accuracy:.3f}")
+    if c <= 30:
+        threshold = m.confusion.max() / 2
+        for i in range(c):
+            for j in range(c):
+                value = int(m.confusion[i, j])
+                colour = "white" if value > threshold else "black"
+                ax.text(j, i, str(value), ha="center", va="center", color=colour, fontsize=8)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig

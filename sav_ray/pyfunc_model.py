@@ -1,0 +1,96 @@
+"""The MLflow model of a SAV artifact: a pyfunc logged from code, so loading it unpickles nothing.
+
+`sav_ray.registry.register_artifact` logs this file as `python_model` with the SAV artifact
+folder as the MLflow artifact `sav`. MLflow copies the file into the model and runs it on load:
+it defines `SavModel` and hands an instance to `mlflow.models.set_model`. `load_context` loads
+the SAV through `load_artifact` (schema and hashes checked) and the base model from the
+artifact's recorded `name_or_path` and `revision`. sav-ray must be installed where it loads.
+
+Input: a pandas DataFrame, one row per example
+    text   str            the row's text (what the prompt's {text} becomes)
+    image  str, optional  one image as the base64 of its encoded file (PNG, JPEG, WEBP, GIF,
+                          BMP, TIFF), decoded with the same limits as the server; null or ""
+                          for a text-only row
+Output: a pandas DataFrame, one row per input row, in order
+    label   str               the predicted label
+    votes   dict[str, int]    heads voting for each label (they sum to k)
+    scores  dict[str, float]  votes / k
+These are `sav_ray.classify.predict_examples`'s, the same as jobs/predict.py's.
+
+Options at load, `mlflow.pyfunc.load_model(uri, model_config={...})`:
+    base_model  another location of the same base model (a local mirror; geometry and
+                revision are checked against the artifact)
+    dtype       "auto" (default: bfloat16 on GPU, float32 on CPU), "float32", "bfloat16"
+    batch_size  rows per forward pass (default 8)
+
+    model = mlflow.pyfunc.load_model("models:/pets@production")
+    model.predict(pd.DataFrame({"text": ["What is it?"], "image": [base64.b64encode(png).decode()]}))
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class SavModel(PythonModel):
+    def load_context(self, context):
+        from sav_ray.artifact import load_artifact
+        from sav_ray.models import load_model
+
+        config = context.model_config or {}
+        self.artifact = load_artifact(context.artifacts["sav"])
+        base = self.artifact.base_model
+        self.lm = load_model(
+            config.get("base_model") or base.name_or_path,
+            base.revision,
+            dtype=config.get("dtype", "auto"),
+        )
+        base.check_compatible(self.lm.info)
+        self.batch_size = int(config.get("batch_size", 8))
+
+    # No type hints here: MLflow would read them as a second signature and warn.
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        from sav_ray.classify import predict_examples
+        from sav_ray.images import ImageError, decode_image
+        from sav_ray.prompts import Example
+
+        frame = pd.DataFrame(model_input)
+        if "text" not in frame.columns:
+            raise ValueError(
+                f"the input has columns {list(frame.columns)} but no 'text'; give a DataFrame "
+                "with a 'text' column and optionally an 'image' column (base64 image files)"
+            )
+        images = frame["image"] if "image" in frame.columns else [None] * len(frame)
+        examples = []
+        for i, (text, image) in enumerate(zip(frame["text"], images, strict=True)):
+            where = f"input row {i}"
+            pixels = []
+            if isinstance(image, str) and image:
+                try:
+                    data = base64.b64decode(image, validate=True)
+                except binascii.Error as e:
+                    raise ImageError(
+                        f"{where}: field 'image' is not base64 ({e}); send "
+                        "base64.b64encode(open(path, 'rb').read()).decode()"
+                    ) from None
+                pixels.append(decode_image(data, what=f"{where} field 'image'"))
+            examples.append(Example(text="" if text is None else str(text), images=pixels, where=where))
+        preds = []
+        for start in range(0, len(examples), self.batch_size):
+            preds += predict_examples(self.lm, self.artifact, examples[start : start + self.batch_size])
+        return pd.DataFrame(
+            {
+                "label": [p.label for p in preds],
+                "votes": [p.votes for p in preds],
+                "scores": [p.scores for p in preds],
+            }
+        )
+
+
+mlflow.models.set_model(SavModel())

@@ -1,0 +1,364 @@
+"""Online classification core, without Ray: request inputs -> Examples -> predictions.
+
+The Serve deployments in `serve/app.py` are thin around this module:
+- `to_examples` turns a request's inputs (text + image strings) into `Example`s. Images are
+  base64 (or `data:` URIs) by default; `file://` paths and http(s) URLs are read only under a
+  configured allowlist (`ImageSources`). Sizes are bounded before decoding (`RequestLimits`).
+- `resolve_ref` maps a served model's reference (an artifact folder, `models:/NAME@ALIAS`,
+  `models:/NAME/VERSION`) to an immutable model id: a registry version, or a folder pinned
+  by the SHA-256 of its sav.json. A moved alias or a rewritten folder gives a new id.
+- `classify_isolated` runs one batched forward pass for one artifact; if the batch fails on
+  an input the model's processor refuses, each input is retried alone so only that one fails.
+- `LayerCounter` and `BatchStats` count what ran, for `GET /v1/stats`.
+
+Every error a client can cause is a `RequestError` carrying its HTTP status.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import re
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from sav_ray.artifact import ARTIFACT_FILE, SavArtifact
+from sav_ray.classify import Prediction, predict_examples
+from sav_ray.images import IMAGE_FORMATS, ImageError, ImageLimits, decode_image
+from sav_ray.models import LoadedModel
+from sav_ray.prompts import Example, PromptError, user_content
+from sav_ray.registry import is_registry_ref, parse_ref
+
+_WHITESPACE = re.compile(rb"\s+")
+_DATA_URI = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?((?:;[\w.+-]+=[\w.+-]+)*)(;base64)?,", re.ASCII)
+
+
+class RequestError(ValueError):
+    """A client's mistake, with the HTTP status it maps to and a message naming the field."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def __reduce__(self):  # keep `status` when pickled across processes
+        return (type(self), (self.status, self.message))
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Limits on one request. Counts and text length are also stated in the OpenAPI schema."""
+
+    max_body_bytes: int = 32 * 2**20
+    max_inputs: int = 32
+    max_images_per_input: int = 8
+    max_text_chars: int = 8_000
+    max_image_bytes: int = 10 * 2**20
+    max_image_pixels: int = 16_000_000  # per image, read from the header before decoding
+    max_request_pixels: int = 64_000_000  # all images of a request: bounds decoded memory
+
+    def __post_init__(self) -> None:
+        bad = [f"{k}={v}" for k, v in vars(self).items() if not isinstance(v, int) or v < 1]
+        if bad:
+            raise ValueError(f"request limits must be positive integers: {', '.join(bad)}")
+
+    @property
+    def image(self) -> ImageLimits:
+        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+
+    @property
+    def max_image_chars(self) -> int:
+        """Longest image string: the base64 of `max_image_bytes`, room for a data: prefix and
+        line breaks."""
+        encoded = 4 * -(-self.max_image_bytes // 3)
+        return encoded + encoded // 64 + 256
+
+
+@dataclass(frozen=True)
+class ImageSources:
+    """Where images may come from besides base64. Empty allowlists (the default) allow nothing.
+
+    `allowed_paths`: directories whose files may be named as `file:///abs/path` (symlinks and
+    `..` are resolved before the check). `allowed_url_prefixes`: URL prefixes such as
+    `https://images.example.com/` that may be fetched (redirects are not followed).
+    """
+
+    allowed_paths: tuple[str, ...] = ()
+    allowed_url_prefixes: tuple[str, ...] = ()
+    url_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for p in self.allowed_paths:
+            if not Path(p).is_absolute():
+                raise ValueError(f"image_sources.allowed_paths: {p!r} must be an absolute path")
+        for u in self.allowed_url_prefixes:
+            if not re.match(r"^https?://[^/]+/", u):
+                raise ValueError(
+                    f"image_sources.allowed_url_prefixes: {u!r} must be an http(s) URL with a "
+                    "host and a path, e.g. 'https://images.example.com/'"
+                )
+
+
+def image_bytes(source: str, sources: ImageSources, limits: RequestLimits, what: str) -> bytes:
+    """The encoded image behind one image string: base64, data: URI, file:// path or URL."""
+    if source.startswith(("http://", "https://")):
+        return _fetch(source, sources, limits, what)
+    if source.startswith("file://"):
+        return _read_file(source, sources, limits, what)
+    match = _DATA_URI.match(source)
+    if match:
+        if not match.group(3):
+            raise RequestError(400, f"{what}: a data: URI must be base64 (data:image/png;base64,...)")
+        source = source[match.end() :]
+    if len(source) > limits.max_image_chars:
+        raise RequestError(
+            413,
+            f"{what}: {len(source)} characters of base64, over the limit of "
+            f"{limits.max_image_bytes} bytes per image; compress or resize the image",
+        )
+    try:
+        data = base64.b64decode(_WHITESPACE.sub(b"", source.encode("ascii")), validate=True)
+    except (UnicodeEncodeError, binascii.Error) as e:
+        raise RequestError(
+            400,
+            f"{what}: not valid base64 ({e}); send the image file's bytes in standard base64 "
+            "(e.g. `base64 -w0 image.png`)",
+        ) from None
+    return data
+
+
+def _fetch(url: str, sources: ImageSources, limits: RequestLimits, what: str) -> bytes:
+    if not any(url.startswith(p) for p in sources.allowed_url_prefixes):
+        raise RequestError(
+            400,
+            f"{what}: image URLs are not accepted from this prefix; send the image as base64"
+            + (
+                f" or use a URL under {list(sources.allowed_url_prefixes)}"
+                if sources.allowed_url_prefixes
+                else ""
+            ),
+        )
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        with opener.open(url, timeout=sources.url_timeout_s) as response:  # noqa: S310
+            data = response.read(limits.max_image_bytes + 1)
+    except urllib.error.HTTPError as e:
+        raise RequestError(400, f"{what}: fetching {url} failed: HTTP {e.code}") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise RequestError(400, f"{what}: fetching {url} failed: {e}") from None
+    return data  # at most one byte over the limit: `to_examples` refuses it
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect could lead outside the allowlist; refuse it instead of following."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl}", headers, fp)
+
+
+def _read_file(uri: str, sources: ImageSources, limits: RequestLimits, what: str) -> bytes:
+    path = Path(uri.removeprefix("file://"))
+    if not sources.allowed_paths:
+        raise RequestError(
+            400, f"{what}: file:// images are not accepted by this server; send base64"
+        )
+    if not path.is_absolute():
+        raise RequestError(400, f"{what}: {uri} must be an absolute path, file:///dir/image.png")
+    real = path.resolve()
+    if not any(real.is_relative_to(Path(root).resolve()) for root in sources.allowed_paths):
+        raise RequestError(
+            400, f"{what}: {uri} is outside the allowed folders {list(sources.allowed_paths)}"
+        )
+    try:
+        size = real.stat().st_size
+        _check_size(size, limits, what)
+        return real.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise RequestError(400, f"{what}: {uri} is not a file on the server") from None
+    except OSError as e:
+        raise RequestError(400, f"{what}: {uri} cannot be read ({e.strerror})") from None
+
+
+def _check_size(size: int, limits: RequestLimits, what: str) -> None:
+    if size > limits.max_image_bytes:
+        raise RequestError(
+            413,
+            f"{what}: {size} bytes, over the limit of {limits.max_image_bytes} bytes per "
+            "image; compress or resize the image",
+        )
+
+
+def _header_pixels(data: bytes, what: str) -> int | None:
+    """Width x height from the image header, without decoding; None if the header is unreadable
+    (then `decode_image` names the problem)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+            width, height = img.size
+    except Image.DecompressionBombError as e:
+        raise RequestError(413, f"{what}: too many pixels ({e}); resize the image") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+        return None
+    return width * height
+
+
+def to_examples(
+    inputs: Sequence[tuple[str, Sequence[str]]],
+    limits: RequestLimits,
+    sources: ImageSources = ImageSources(),
+) -> list[Example]:
+    """Decode each input's images (bounded in bytes and pixels) into an Example named
+    `inputs[i]`; the images' pixels summed over the request are bounded too."""
+    examples, total_pixels = [], 0
+    for i, (text, images) in enumerate(inputs):
+        decoded = []
+        for j, source in enumerate(images):
+            what = f"inputs[{i}].images[{j}]"
+            data = image_bytes(source, sources, limits, what)
+            _check_size(len(data), limits, what)
+            pixels = _header_pixels(data, what)
+            if pixels is not None:
+                if pixels > limits.max_image_pixels:
+                    raise RequestError(
+                        413,
+                        f"{what}: {pixels} pixels, over the limit of {limits.max_image_pixels} "
+                        "pixels per image; resize the image",
+                    )
+                total_pixels += pixels
+                if total_pixels > limits.max_request_pixels:
+                    raise RequestError(
+                        413,
+                        f"{what}: the request's images reach {total_pixels} pixels, over the "
+                        f"limit of {limits.max_request_pixels} per request; send fewer or "
+                        "smaller images per request",
+                    )
+            try:
+                decoded.append(decode_image(data, limits.image, what=what))
+            except ImageError as e:
+                raise RequestError(400, str(e)) from None
+        examples.append(Example(text=text, images=decoded, where=f"inputs[{i}]"))
+    return examples
+
+
+# --- which artifact a served name means ------------------------------------------------------
+
+_DIGEST_SEP = "#sha256="
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a served model's reference points to now."""
+
+    model_id: str  # immutable: `models:/NAME/VERSION`, or `/abs/folder#sha256=<sav.json hash>`
+    version: str | None  # the registry version; None for a folder
+
+
+def resolve_ref(ref: str, alias_version: Callable[[str, str], str]) -> Resolved:
+    """Pin `ref` to an immutable model id; `alias_version(name, alias)` asks the registry."""
+    if is_registry_ref(ref):
+        name, alias, version = parse_ref(ref)
+        if alias is not None:
+            version = str(alias_version(name, alias))
+        return Resolved(model_id=f"models:/{name}/{version}", version=version)
+    folder = Path(ref).resolve()
+    try:
+        digest = hashlib.sha256((folder / ARTIFACT_FILE).read_bytes()).hexdigest()
+    except OSError as e:
+        raise ValueError(
+            f"model reference {ref!r}: {folder / ARTIFACT_FILE} cannot be read ({e.strerror}); "
+            "give an artifact folder, models:/NAME@ALIAS or models:/NAME/VERSION"
+        ) from None
+    return Resolved(model_id=f"{folder}{_DIGEST_SEP}{digest}", version=None)
+
+
+def split_model_id(model_id: str) -> tuple[str, str | None]:
+    """(reference to load, the sav.json SHA-256 it must have or None)."""
+    if is_registry_ref(model_id) or _DIGEST_SEP not in model_id:
+        return model_id, None
+    ref, digest = model_id.rsplit(_DIGEST_SEP, 1)
+    return ref, digest
+
+
+# --- classification ---------------------------------------------------------------------------
+
+
+def check_prompt(example: Example, artifact: SavArtifact) -> None:
+    """Refuse an input the artifact's prompt cannot hold (e.g. `<image>` count != images)."""
+    try:
+        user_content(example, artifact.prompt)
+    except PromptError as e:
+        raise RequestError(422, str(e)) from None
+
+
+def classify_isolated(
+    lm: LoadedModel, artifact: SavArtifact, examples: list[Example]
+) -> list[Prediction | RequestError]:
+    """Predictions for a batch; an input the processor refuses fails alone.
+
+    A processor ValueError (e.g. an image too elongated for the model) fails the whole batched
+    call, so the batch is then retried one input at a time. Other errors are server faults.
+    """
+    try:
+        return list(predict_examples(lm, artifact, examples))
+    except ValueError as e:
+        if len(examples) == 1:
+            return [
+                RequestError(422, f"{examples[0].where}: the model cannot take this input: {e}")
+            ]
+    return [classify_isolated(lm, artifact, [ex])[0] for ex in examples]
+
+
+class LayerCounter:
+    """Counts forward calls of each decoder layer with forward pre-hooks, until `remove()`.
+    With early exit, layers after the deepest needed one stay at 0."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        layers = model.get_decoder().layers
+        self.counts = [0] * len(layers)  # [layer]
+        self._handles = [
+            layer.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(layers)
+        ]
+
+    def _hook(self, i: int):
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            self.counts[i] += 1
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+@dataclass
+class BatchStats:
+    """Sizes of the batches run, per model id, and how many inputs failed alone."""
+
+    sizes: Counter = field(default_factory=Counter)  # batch size -> batches
+    inputs_per_model: Counter = field(default_factory=Counter)  # model id -> inputs
+    input_errors: int = 0
+
+    def record(self, model_id: str, results: Sequence[Any]) -> None:
+        self.sizes[len(results)] += 1
+        self.inputs_per_model[model_id] += len(results)
+        self.input_errors += sum(isinstance(r, RequestError) for r in results)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batches": sum(self.sizes.values()),
+            "inputs": sum(self.inputs_per_model.values()),
+            "max_batch_size": max(self.sizes, default=0),
+            "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())},
+            "inputs_per_model": dict(self.inputs_per_model),
+            "input_errors": self.input_errors,
+        }

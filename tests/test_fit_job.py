@@ -1,0 +1,227 @@
+"""jobs/fit.py and jobs/predict.py end to end on a local Ray, on the demo model and data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sav_ray.artifact import load_artifact
+from sav_ray.config import FitConfig, ModelConfig
+from sav_ray.fitting import fit
+from sav_ray.manifest import read_manifest
+from sav_ray.predicting import accuracy, predict_table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "jobs"))
+import fit as fit_job  # noqa: E402
+import predict as predict_job  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def base_cfg(demo_model_dir, demo_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit")
+    return FitConfig(
+        model=str(demo_model_dir),
+        train=str(demo_data["train"]),
+        output=str(out / "sav"),
+        batch_size=8,
+    )
+
+
+@pytest.fixture(scope="module")
+def one_actor(local_ray, base_cfg, tmp_path_factory):
+    vectors = tmp_path_factory.mktemp("vec") / "v"
+    cfg = replace(base_cfg, save_vectors=str(vectors))
+    artifact, stats = fit(cfg)
+    return artifact, stats, vectors
+
+
+def test_one_forward_pass_per_training_example(one_actor):
+    artifact, stats, _ = one_actor
+    assert stats.examples == 60
+    assert stats.forward_rows == 60  # rows counted by a hook on the first decoder layer
+
+
+def test_two_actors_give_the_same_heads_and_centroids(one_actor, base_cfg):
+    artifact, _, _ = one_actor
+    two, stats = fit(replace(base_cfg, actors=2, cpus_per_actor=0.5))
+    np.testing.assert_array_equal(two.heads, artifact.heads)
+    np.testing.assert_allclose(two.centroids, artifact.centroids, atol=1e-5, rtol=0)
+    assert stats.forward_rows == 60
+
+
+def test_sav_reaches_the_accuracy_target_on_held_out_data(one_actor, base_cfg, demo_data):
+    artifact, stats, _ = one_actor
+    assert len(artifact.heads) <= 20
+    table = read_manifest(demo_data["test"], require_label=False)
+    records = predict_table(table, ModelConfig(model=base_cfg.model), artifact)
+    assert len(records) == 30
+    assert accuracy(records) >= 0.9
+    for r in records:
+        assert sum(r["votes"].values()) == len(artifact.heads)
+        assert abs(sum(r["scores"].values()) - 1.0) < 1e-9
+
+
+def test_from_vectors_reproduces_the_artifact(one_actor, base_cfg):
+    artifact, _, vectors = one_actor
+    meta = json.loads((vectors / "sav_vectors.json").read_text())
+    assert meta["base_model"] == artifact.base_model.to_dict()
+    refit, stats = fit(replace(base_cfg, model="", train="", from_vectors=str(vectors)))
+    assert stats.forward_rows == 0  # no model ran
+    np.testing.assert_array_equal(refit.heads, artifact.heads)
+    np.testing.assert_allclose(refit.centroids, artifact.centroids, atol=1e-6, rtol=0)
+    assert refit.labels == artifact.labels
+    assert refit.base_model == artifact.base_model
+    k5, _ = fit(replace(base_cfg, model="", train="", from_vectors=str(vectors), num_heads=5))
+    np.testing.assert_array_equal(k5.heads, artifact.heads[:5])
+
+
+def test_float16_vectors_keep_the_selection(one_actor, base_cfg, tmp_path):
+    artifact, _, _ = one_actor
+    half, _ = fit(replace(base_cfg, vectors_dtype="float16", save_vectors=str(tmp_path / "v16")))
+    files = list((tmp_path / "v16").glob("*.parquet"))
+    import pyarrow.parquet as pq
+
+    assert "halffloat" in str(pq.read_schema(files[0]).field("vectors").type.storage_type)
+    np.testing.assert_allclose(half.centroids, artifact.centroids, atol=2e-2, rtol=0)
+
+
+def test_cli_writes_a_loadable_artifact_and_predicts(
+    local_ray, base_cfg, demo_data, tmp_path, capsys
+):
+    out = tmp_path / "sav"
+    code = fit_job.main(
+        [
+            "--model",
+            base_cfg.model,
+            "--train",
+            base_cfg.train,
+            "--output",
+            str(out),
+            "--num-heads",
+            "10",
+        ]
+    )
+    assert code == 0
+    loaded = load_artifact(out)
+    assert len(loaded.heads) == 10 and loaded.selection.k == 10
+    preds = tmp_path / "preds.jsonl"
+    code = predict_job.main(
+        ["--artifact", str(out), "--data", str(demo_data["test"]), "--output", str(preds)]
+    )
+    assert code == 0
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert len(rows) == 30 and {"label", "votes", "scores", "true_label"} <= set(rows[0])
+    assert "accuracy" in capsys.readouterr().out
+
+
+# --- bad input: a clear message naming the row or field, a non-zero exit, no artifact --------
+
+
+def write_manifest(tmp_path: Path, rows: list[dict]) -> Path:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def good_rows(demo_data) -> list[dict]:
+    base = demo_data["train"].parent
+    rows = [json.loads(line) for line in demo_data["train"].read_text().splitlines()]
+    for r in rows:
+        r["image"] = str(base / r["image"])
+    return rows
+
+
+def run_fit(tmp_path, manifest, *extra, capsys):
+    out = tmp_path / "sav"
+    code = fit_job.main(
+        ["--model", "unused-model", "--train", str(manifest), "--output", str(out), *extra]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert not out.exists()
+    assert not any(p.name.startswith(".sav") for p in tmp_path.iterdir())  # no temp dir left
+    return err
+
+
+def test_missing_image_file_names_row_and_file(demo_data, tmp_path, capsys):
+    rows = good_rows(demo_data)
+    rows[6]["image"] = str(tmp_path / "nope.png")
+    err = run_fit(tmp_path, write_manifest(tmp_path, rows), capsys=capsys)
+    assert "row 7" in err and "nope.png" in err
+
+
+def test_row_without_label_names_row_and_field(demo_data, tmp_path, capsys):
+    rows = good_rows(demo_data)
+    rows[3]["label"] = None
+    err = run_fit(tmp_path, write_manifest(tmp_path, rows), capsys=capsys)
+    assert "row 4" in err and "label" in err
+
+
+def test_single_class_is_refused(demo_data, tmp_path, capsys):
+    rows = [r for r in good_rows(demo_data) if r["label"] == "red_circle"]
+    err = run_fit(tmp_path, write_manifest(tmp_path, rows), capsys=capsys)
+    assert "red_circle" in err and "label" in err
+
+
+def test_loo_with_a_one_example_class_is_refused(demo_data, tmp_path, capsys):
+    rows = good_rows(demo_data)
+    reds = [i for i, r in enumerate(rows) if r["label"] == "red_circle"]
+    rows = [r for i, r in enumerate(rows) if i not in reds[1:]]
+    err = run_fit(tmp_path, write_manifest(tmp_path, rows), "--selection", "loo", capsys=capsys)
+    assert "red_circle" in err and "loo" in err
+
+
+def test_unreadable_image_in_the_middle_names_the_row(
+    local_ray, base_cfg, demo_data, tmp_path, capsys
+):
+    rows = good_rows(demo_data)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"this is not a png")
+    rows[30]["image"] = str(broken)
+    out = tmp_path / "sav"
+    code = fit_job.main(
+        [
+            "--model",
+            base_cfg.model,
+            "--train",
+            str(write_manifest(tmp_path, rows)),
+            "--output",
+            str(out),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    ours = [line for line in err.splitlines() if line.startswith("error: ")]  # Ray logs too
+    assert len(ours) == 1 and ours[0].startswith("error: row 31") and "broken.png" in ours[0]
+    assert not out.exists()
+
+
+def test_plain_python_run_exits_non_zero_on_a_bad_flag(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "fit.py"),
+            "--model",
+            "m",
+            "--train",
+            "x.jsonl",
+            "--output",
+            str(tmp_path / "o"),
+            "--num-heads",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "--num-heads" in proc.stderr
