@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,24 +133,26 @@ def _vote_hits_of_block(
     return {"correct": np.array([int((votes.label_idx == y).sum())]), "n": np.array([len(y)])}
 
 
-def _partials(ds: Any, fn: Any, **kwargs: Any) -> list[dict[str, np.ndarray]]:
-    """One partial per block, computed where the block lives, collected on the driver."""
-    return ds.map_batches(fn, batch_size=None, fn_kwargs=kwargs, num_cpus=1).take_all()
+def _partials(ds: Any, fn: Any, **kwargs: Any) -> Iterator[dict[str, np.ndarray]]:
+    """One partial per block, computed where the block lives, streamed to the driver (which
+    merges them one at a time, so its memory does not grow with the number of blocks)."""
+    yield from ds.map_batches(fn, batch_size=None, fn_kwargs=kwargs, num_cpus=1).iter_rows()
 
 
 def first_pass(
-    ds: Any, labels: tuple[str, ...], shape: tuple[int, int, int] | None
+    ds: Any, labels: tuple[str, ...]
 ) -> tuple[reduce.ClassSums, float, BaseModelInfo | None]:
     """Class sums, the rows the model ran, and the base model as the actors loaded it."""
-    parts = _partials(ds, _sums_of_block, labels=labels)
-    total = reduce.ClassSums.zeros(labels, shape or parts[0]["sums"].shape[1:])
+    total: reduce.ClassSums | None = None
     infos: set[str] = set()
     forward_rows = 0.0
-    for p in parts:
-        total = total.merge(reduce.ClassSums(labels, p["sums"], p["counts"]))
+    for p in _partials(ds, _sums_of_block, labels=labels):
+        part = reduce.ClassSums(labels, p["sums"], p["counts"])
+        total = part if total is None else total.merge(part)
         if "model_info" in p:
             forward_rows += float(p["forward_rows"])
             infos.update(json.loads(str(p["model_info"])))
+    assert total is not None, "the vectors dataset is empty"
     if len(infos) > 1:
         raise RuntimeError(f"model actors disagree on the base model: {sorted(infos)}")
     info = BaseModelInfo.from_dict(json.loads(infos.pop())) if infos else None
@@ -164,14 +167,16 @@ def head_hits(ds: Any, sums: reduce.ClassSums, method: str) -> reduce.HeadHits:
 
 
 def vote_accuracy(ds: Any, artifact: SavArtifact) -> float:
-    parts = _partials(
+    correct = n = 0
+    for p in _partials(
         ds,
         _vote_hits_of_block,
         labels=tuple(artifact.labels),
         heads=artifact.heads,
         centroids=artifact.centroids,
-    )
-    return sum(int(p["correct"]) for p in parts) / sum(int(p["n"]) for p in parts)
+    ):
+        correct, n = correct + int(p["correct"]), n + int(p["n"])
+    return correct / n
 
 
 def write_vectors(ds: Any, out_dir: str, meta: dict[str, Any]) -> None:
@@ -213,7 +218,7 @@ def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
         init_ray()  # only once the manifest is known to be good
         ds = vectors_dataset(table, cfg, prompt, cfg.vectors_dtype).materialize()
     extract_seconds = 0.0 if cfg.from_vectors else time.perf_counter() - started
-    sums, forward_rows, actors_info = first_pass(ds, labels, None)
+    sums, forward_rows, actors_info = first_pass(ds, labels)
     info = actors_info or info
     if cfg.save_vectors:  # before selection: a bad --num-heads must not cost the model pass
         meta = {

@@ -44,7 +44,7 @@ def load_processor(name_or_path: str, revision: str | None = None, **kwargs: Any
         processor = _without_video_processor(processor_cls).from_pretrained(
             name_or_path, revision=revision, **kwargs
         )
-    # The last prompt token must sit at index -1 of every row of a batch.
+    # Left padding, as for generation; the capture still finds the last real token from the mask.
     processor.tokenizer.padding_side = "left"
     return processor
 
