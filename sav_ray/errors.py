@@ -8,6 +8,9 @@ original so a job prints one clear line instead of a remote traceback.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class ConfigError(ValueError):
     """A flag or option has a bad value; the message names the flag."""
@@ -32,3 +35,16 @@ def user_message(exc: BaseException) -> str | None:
             return str(e)
         stack.extend(x for x in (e.__cause__, e.__context__) if x is not None)
     return None
+
+
+def exit_code_of(job: Callable[[], int]) -> int:
+    """Run a job's body: a user's mistake becomes one `error: ...` line on stderr and exit code 2;
+    anything else (a bug) propagates with its traceback."""
+    try:
+        return job()
+    except Exception as e:
+        message = user_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2

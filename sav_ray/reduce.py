@@ -167,7 +167,12 @@ def head_hits(
     n, num_layers, num_heads, head_dim = vectors.shape
     lh = num_layers * num_heads
     class_sums = sums.sums.reshape(num_classes, lh, head_dim)  # [class, layer*head, head_dim]
-    unit_sums = _unit(class_sums).transpose(1, 2, 0)  # [layer*head, head_dim, class]
+    # The nearest centroid by cosine does not depend on the example's own length, so examples
+    # are not normalised: float32 products against unit centroids (6x faster than float64
+    # cosines, same argmax up to float32 rounding of near-exact ties).
+    unit_sums = (
+        _unit(class_sums).transpose(1, 2, 0).astype(np.float32)
+    )  # [layer*head, head_dim, class]
     if chunk_size is None:
         chunk_size = max(1, _CHUNK_BYTES // (8 * lh * max(head_dim, num_classes)))
     assert chunk_size >= 1, chunk_size
@@ -175,13 +180,12 @@ def head_hits(
     hits = np.zeros(lh, dtype=np.int64)
     for start in range(0, n, chunk_size):
         # [b, layer*head, head_dim]
-        x = vectors[start : start + chunk_size].reshape(-1, lh, head_dim)
+        x = vectors[start : start + chunk_size].reshape(-1, lh, head_dim).astype(np.float32)
         y = label_idx[start : start + chunk_size]  # [b]
-        unit_x = _unit(x)  # [b, layer*head, head_dim] float64
-        sims = unit_x.transpose(1, 0, 2) @ unit_sums  # [layer*head, b, class]
+        sims = x.transpose(1, 0, 2) @ unit_sums  # [layer*head, b, class]
         if method == "loo":
-            own = _unit(class_sums[y] - x)  # [b, layer*head, head_dim]
-            sims[:, np.arange(len(y)), y] = np.einsum("bhd,bhd->hb", unit_x, own)
+            own = _unit(class_sums[y] - x).astype(np.float32)  # [b, layer*head, head_dim]
+            sims[:, np.arange(len(y)), y] = np.einsum("bhd,bhd->hb", x, own)
         nearest = sims.argmax(axis=-1)  # [layer*head, b]; first maximum = lowest class index
         hits += (nearest == y).sum(axis=1)
     return HeadHits(hits.reshape(num_layers, num_heads), n)

@@ -1,0 +1,276 @@
+"""Benchmark sav-ray against the SAVs reference method and against its own bare forward pass.
+
+Builds a mid-size random Qwen2-VL locally (8 layers, hidden 1024, 16 heads), generates its
+images, and measures, as ratios of two things timed in the same run:
+  1. capture overhead: a batched forward with hooks on every layer / without hooks
+  2. forward passes per training example in a real fit on Ray (the reference makes 3)
+  3. examples/s at the chosen batch size / at batch size 1
+  4. head scoring, vectorised / the reference's per-head loop; streaming reducer memory
+  5. early-exit latency (heads in the first quarter of the layers) / a full forward
+  6. Ray Serve (serve/app.py): p50/p95 and req/s at 1, 8, 16 clients, batched and not, and
+     the HTTP + voting overhead over the bare forward pass
+Writes the JSON report to --out and a Markdown table beside it (same name, .md), prints both,
+and logs them to an MLflow run in the experiment `sav-ray-benchmark`.
+
+    python jobs/benchmark.py --out data/benchmark/benchmark.json     # ~15 min on 2 CPUs
+    python jobs/benchmark.py --quick --out /tmp/bench.json           # < 5 min, every row
+    python jobs/benchmark.py --device cuda --dtype bfloat16          # unchanged on a GPU
+
+On a CPU shared with other work, `--threads 1 --clock cpu` gives steady ratios: one torch
+thread does not stall on cores other processes hold, and the in-process rows (1, 3, 4, 5) then
+count this process's CPU time, which their load does not inflate. Serving is always wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
+
+import torch  # noqa: E402
+
+from sav_ray import bench, tracking  # noqa: E402
+from sav_ray.artifact import write_artifact  # noqa: E402
+from sav_ray.config import FitConfig  # noqa: E402
+from sav_ray.demo_data import make_dataset  # noqa: E402
+from sav_ray.errors import ConfigError, user_message  # noqa: E402
+from sav_ray.fitting import fit, init_ray  # noqa: E402
+from sav_ray.models import default_device, load_model  # noqa: E402
+from sav_ray.prompts import PromptConfig  # noqa: E402
+from sav_ray.tiny import build_tiny_model  # noqa: E402
+
+EXPERIMENT = "sav-ray-benchmark"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big and how often: the full benchmark, or --quick (smaller model, fewer repetitions)."""
+
+    layers: int = 8
+    hidden: int = 1024
+    heads: int = 16
+    fit_per_class: int = 32  # 3 classes
+    reps: int = 20  # rows 1 and 5
+    throughput_examples: int = 32
+    throughput_reps: int = 3
+    loop_heads: int = 56  # of 784, for the reference loop
+    memory_shape: tuple[int, int, int] = (28, 28, 128)
+    clients: tuple[int, ...] = (1, 8, 16)
+    requests: dict[int, int] = field(default_factory=lambda: {1: 40, 8: 96, 16: 160})
+    overhead_reps: int = 30
+
+
+FULL = Sizes()
+QUICK = Sizes(
+    hidden=512,
+    heads=8,
+    fit_per_class=8,
+    reps=3,
+    throughput_examples=8,
+    throughput_reps=1,
+    loop_heads=8,
+    memory_shape=(8, 16, 64),
+    requests={1: 8, 8: 16, 16: 32},
+    overhead_reps=5,
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="jobs/benchmark.py", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smaller model, fewer repetitions")
+    p.add_argument(
+        "--out",
+        default="data/benchmark/benchmark.json",
+        help="JSON report path; the Markdown table is written beside it (.md)",
+    )
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda")
+    p.add_argument(
+        "--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="the fit's batch size (default 8)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--clock",
+        choices=sorted(bench.CLOCKS),
+        default="wall",
+        help="in-process timings: wall (default) or this process's CPU time (CPU devices only)",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite in data/mlflow/)",
+    )
+    args = p.parse_args(argv)
+    if args.batch_size < 2:
+        p.error(f"--batch-size {args.batch_size}: must be at least 2 (row 3 compares it with 1)")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads {args.threads}: must be at least 1")
+    return args
+
+
+def fit_config(
+    model_dir: Path, train: Path, output: Path, batch_size: int, dtype: str, device: str
+) -> FitConfig:
+    gpus = 1.0 if device.startswith("cuda") else 0.0
+    return FitConfig(
+        model=str(model_dir),
+        train=str(train),
+        output=str(output),
+        dtype=dtype,
+        batch_size=batch_size,
+        gpus_per_actor=gpus,
+    ).validate()
+
+
+def run_benchmark(
+    args: argparse.Namespace, sizes: Sizes, work: Path
+) -> tuple[list[bench.Row], list[dict[str, Any]], dict[str, Any]]:
+    """(rows, serving load table, run description)."""
+    device = default_device() if args.device == "auto" else args.device
+    if args.clock == "cpu" and device.startswith("cuda"):
+        raise ConfigError("--clock cpu does not see GPU work; use --clock wall on a GPU")
+    clock = bench.CLOCKS[args.clock]
+    threads = torch.get_num_threads()
+    load_before = os.getloadavg()
+
+    model_dir = build_tiny_model(
+        "qwen2_vl", work / "model", num_layers=sizes.layers, hidden_size=sizes.hidden,
+        num_heads=sizes.heads,
+    )  # fmt: skip
+    data = make_dataset(work / "data", classes=3, train_per_class=sizes.fit_per_class)
+    lm = load_model(str(model_dir), dtype=args.dtype, device=device)
+    examples = bench.load_examples(data["train"])
+    prompt = PromptConfig()
+
+    rows = [bench.capture_overhead(lm, examples[: args.batch_size], prompt, sizes.reps, clock)]
+
+    init_ray()
+    fits = {
+        b: fit(fit_config(model_dir, data["train"], work / "sav", b, args.dtype, device))
+        for b in (args.batch_size, 1)
+    }
+    artifact, _ = fits[args.batch_size]
+    write_artifact(artifact, work / "sav")  # served in row 6
+    rows.append(
+        bench.forward_passes_row(
+            {b: (s.examples, s.forward_rows) for b, (_, s) in fits.items()}, args.batch_size
+        )
+    )
+    rows.append(
+        bench.batch_throughput(
+            lm, examples[: sizes.throughput_examples], prompt, args.batch_size,
+            sizes.throughput_reps, {b: s.examples_per_second for b, (_, s) in fits.items()},
+            clock,
+        )
+    )  # fmt: skip
+    rows.append(bench.reducer_speedup(loop_heads=sizes.loop_heads, clock=clock))
+    rows.append(bench.reducer_memory(shape=sizes.memory_shape))
+    rows.append(bench.early_exit(lm, examples[0], prompt, sizes.reps, clock))
+
+    serving_rows, serving_table = bench.serving(
+        work / "sav", lm, examples[0], dtype=args.dtype, device=device, threads=threads,
+        clients=sizes.clients, requests=sizes.requests, overhead_reps=sizes.overhead_reps,
+    )  # fmt: skip
+    rows += serving_rows
+
+    import ray
+
+    ray.shutdown()
+    return (
+        rows,
+        serving_table,
+        {
+            "command": shlex.join(["python", "jobs/benchmark.py", *sys.argv[1:]]),
+            "quick": args.quick,
+            "environment": {
+                "device": device,
+                "dtype": lm.info.dtype,
+                "torch_threads": threads,
+                "clock": args.clock,
+                "cpus": os.cpu_count(),
+                "load_average_before": [round(x, 2) for x in load_before],
+                "load_average_after": [round(x, 2) for x in os.getloadavg()],
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "platform": platform.platform(),
+            },
+            "model": {
+                "architecture": lm.info.architecture,
+                "layers": lm.info.num_layers,
+                "heads": lm.info.num_heads,
+                "head_dim": lm.info.head_dim,
+                "hidden": sizes.hidden,
+                "parameters": sum(p.numel() for p in lm.model.parameters()),
+            },
+        },
+    )
+
+
+def log_to_mlflow(report: dict[str, Any], markdown: str, tracking_uri: str | None) -> str:
+    """One run in EXPERIMENT: each row's value and figures as metrics, both reports as files."""
+    import mlflow
+
+    uri = tracking.use_store(tracking_uri)
+    name = "benchmark-quick" if report["quick"] else "benchmark"
+    with tracking.run(EXPERIMENT, uri, name, tags={"sav.job": "benchmark"}) as active:
+        mlflow.log_params({**report["environment"], **report["model"], "quick": report["quick"]})
+        metrics = {}
+        for row in report["rows"]:
+            metrics[row["key"]] = row["value"]
+            metrics.update(
+                {tracking.metric_key(row["key"], k): v for k, v in row["measured"].items()}
+            )
+        for s in report["serving"]:
+            for k in ("p50_ms", "p95_ms", "requests_per_s"):
+                metrics[tracking.metric_key("serving", s["config"], f"c{s['clients']}", k)] = s[k]
+        mlflow.log_metrics(metrics)
+        mlflow.set_tags({f"verdict.{row['key']}": row["verdict"] for row in report["rows"]})
+        mlflow.log_dict(report, "benchmark.json")
+        mlflow.log_text(markdown, "benchmark.md")
+        return active.info.run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = QUICK if args.quick else FULL
+    try:
+        with tempfile.TemporaryDirectory(prefix="sav-bench-") as work:
+            rows, serving, run = run_benchmark(args, sizes, Path(work))
+    except Exception as e:
+        message = user_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    report = {**run, "rows": [row.to_dict() for row in rows], "serving": serving}
+    header = {
+        "command": report["command"],
+        **report["environment"],
+        "model": f"{report['model']['layers']} layers x {report['model']['heads']} heads "
+        f"x head_dim {report['model']['head_dim']}",
+    }
+    markdown = bench.markdown(rows, serving, header)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown)
+    print(json.dumps(report, indent=2))
+    print(markdown)
+    run_id = log_to_mlflow(report, markdown, args.tracking_uri)
+    print(f"JSON {out}, Markdown {out.with_suffix('.md')}, MLflow run {run_id} ({EXPERIMENT})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
