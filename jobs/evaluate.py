@@ -64,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         uri = use_store(args.tracking_uri)
         artifact = registry.load_artifact_ref(args.model, uri=uri)
-        version = registry.model_version(args.model, uri) if registry.is_registry_ref(args.model) else None
+        version = (
+            registry.model_version(args.model, uri)
+            if registry.is_registry_ref(args.model)
+            else None
+        )
         base = artifact.base_model
         model = ModelConfig(
             model=args.base_model or base.name_or_path, revision=base.revision, dtype=args.dtype,

@@ -260,7 +260,7 @@ def all_heads_centroids(
     else:
         check_labels(train_table, artifact.labels, "--train")
         ds = fitting.vectors_dataset(train_table, model, artifact.prompt, "float32")
-    sums, _, info = fitting.first_pass(ds, labels, None)
+    sums, _, info = fitting.first_pass(ds, labels)
     if info is not None:
         artifact.base_model.check_compatible(info)
     return sums.centroids()  # [class, layer, head, head_dim]
@@ -319,7 +319,9 @@ def format_table(report: dict[str, Metrics], k: int, num_heads: int) -> str:
     lines = [f"{'method':<36}{'accuracy':>10}{'macro-F1':>10}{'ECE':>8}"]
     for method, m in report.items():
         ece = "-" if m.ece is None else f"{m.ece:.3f}"
-        lines.append(f"{names.get(method, method):<36}{m.accuracy:>10.3f}{m.macro_f1:>10.3f}{ece:>8}")
+        lines.append(
+            f"{names.get(method, method):<36}{m.accuracy:>10.3f}{m.macro_f1:>10.3f}{ece:>8}"
+        )
     return "\n".join(lines)
 
 

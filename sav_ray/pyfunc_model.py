@@ -27,12 +27,11 @@ Options at load, `mlflow.pyfunc.load_model(uri, model_config={...})`:
     model.predict(pd.DataFrame({"text": ["What is it?"], "image": [base64.b64encode(png).decode()]}))
 """
 
-from __future__ import annotations
-
 import base64
 import binascii
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
@@ -52,10 +51,8 @@ class SavModel(PythonModel):
         base.check_compatible(self.lm.info)
         self.batch_size = int(config.get("batch_size", 8))
 
-    # No type hints here: MLflow would read them as a second signature and warn.
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-
+    # pd.DataFrame: MLflow validates with the logged signature instead of inferring one.
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from sav_ray.classify import predict_examples
         from sav_ray.images import ImageError, decode_image
         from sav_ray.prompts import Example
@@ -80,10 +77,14 @@ class SavModel(PythonModel):
                         "base64.b64encode(open(path, 'rb').read()).decode()"
                     ) from None
                 pixels.append(decode_image(data, what=f"{where} field 'image'"))
-            examples.append(Example(text="" if text is None else str(text), images=pixels, where=where))
+            examples.append(
+                Example(text="" if text is None else str(text), images=pixels, where=where)
+            )
         preds = []
         for start in range(0, len(examples), self.batch_size):
-            preds += predict_examples(self.lm, self.artifact, examples[start : start + self.batch_size])
+            preds += predict_examples(
+                self.lm, self.artifact, examples[start : start + self.batch_size]
+            )
         return pd.DataFrame(
             {
                 "label": [p.label for p in preds],

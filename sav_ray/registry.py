@@ -26,6 +26,7 @@ import hashlib
 import json
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -43,7 +44,15 @@ MODEL_NAME = "sav"  # the LoggedModel's name inside the fit run
 ACCURACY_TAG = "eval.accuracy"
 DATA_TAG = "eval.data_sha256"
 # Installed with the model's environment; sav-ray itself is installed from its checkout.
-REQUIREMENTS = ("torch", "transformers", "accelerate", "safetensors", "jsonschema", "numpy", "pillow")
+REQUIREMENTS = (
+    "torch",
+    "transformers",
+    "accelerate",
+    "safetensors",
+    "jsonschema",
+    "numpy",
+    "pillow",
+)
 
 
 class RegistryError(LookupError):
@@ -94,48 +103,68 @@ def _missing(e: Exception) -> bool:
     return getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
 
 
+def _registered_model(c: Any, name: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_registered_model(name)
+    except MlflowException as e:
+        if _missing(e):
+            raise RegistryError(
+                f"no registered model {name!r} in {c.tracking_uri}; register one with "
+                f"jobs/fit.py --register {name}, or check the tracking URI "
+                "(MLFLOW_TRACKING_URI or --tracking-uri)"
+            ) from None
+        raise
+
+
+def _alias_version(c: Any, name: str, alias: str) -> Any | None:
+    """The version `alias` points to, None when the model has no such alias."""
+    number = _registered_model(c, name).aliases.get(alias)
+    return None if number is None else c.get_model_version(name, str(number))
+
+
 def model_version(ref: str, uri: str | None = None) -> Any:
     """The ModelVersion behind `models:/NAME@ALIAS` or `models:/NAME/VERSION`."""
     from mlflow.exceptions import MlflowException
 
     name, alias, number = parse_ref(ref)
     c = client(uri)
+    if alias:
+        mv = _alias_version(c, name, alias)
+        if mv is None:
+            aliases = sorted(_registered_model(c, name).aliases)
+            raise RegistryError(
+                f"{ref}: model {name!r} has no alias {alias!r} (its aliases: {aliases}); "
+                f"jobs/fit.py --register sets {CANDIDATE!r}, jobs/promote.py moves the others"
+            )
+        return mv
+    _registered_model(c, name)
     try:
-        if alias:
-            return c.get_model_version_by_alias(name, alias)
         return c.get_model_version(name, number)
     except MlflowException as e:
         if _missing(e):
-            raise RegistryError(
-                f"{ref}: no such model version in {uri or tracking_uri()} ({e.message}); "
-                "check the name and alias (jobs/fit.py --register NAME sets the alias "
-                f"{CANDIDATE!r}) and the tracking URI"
-            ) from None
+            raise RegistryError(f"{ref}: model {name!r} has no version {number}") from None
         raise
 
 
 def download_artifact(ref: str, dst: str | Path | None = None, uri: str | None = None) -> Path:
-    """The local folder of the SAV artifact behind `ref` (downloaded for registry URIs)."""
+    """The local folder of the SAV artifact behind `ref` (downloaded for registry URIs).
+
+    An alias is resolved to its version first, so a concurrent promotion cannot mix versions.
+    The version's own location is downloaded: MLflow's `models:/` download would ask the
+    process-wide registry, not `uri`.
+    """
     if not is_registry_ref(ref):
         return Path(ref)
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     uri = uri or tracking_uri()
-    try:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=ref,
-            dst_path=None if dst is None else str(dst),
-            tracking_uri=uri,
-            registry_uri=uri,
-        )
-    except MlflowException as e:
-        if _missing(e):
-            raise RegistryError(
-                f"{ref}: not found in {uri} ({e.message}); check the name, alias or version "
-                "and the tracking URI (MLFLOW_TRACKING_URI or --tracking-uri)"
-            ) from None
-        raise
+    mv = model_version(ref, uri)
+    location = client(uri).get_model_version_download_uri(mv.name, mv.version)
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=location, dst_path=None if dst is None else str(dst), tracking_uri=uri
+    )
     folder = Path(local) / "artifacts" / SAV_SUBDIR
     if not folder.is_dir():
         raise RegistryError(f"{ref}: not a SAV model (no artifacts/{SAV_SUBDIR} in it)")
@@ -207,15 +236,18 @@ def register_artifact(
     run_id = mlflow.active_run().info.run_id
     c = client(mlflow.get_tracking_uri())
     try:
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME,
-            python_model=str(PYFUNC_FILE),
-            artifacts={SAV_SUBDIR: str(artifact_dir)},
-            signature=pyfunc_signature(),
-            pip_requirements=pip_requirements(),
-            metadata={"sav_schema_version": artifact.schema_version},
-            registered_model_name=name,
-        )
+        with warnings.catch_warnings():
+            # The signature is given; an input example would load the base model at log time.
+            warnings.filterwarnings("ignore", message="(?i).*input example", category=UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=str(PYFUNC_FILE),
+                artifacts={SAV_SUBDIR: str(artifact_dir)},
+                signature=pyfunc_signature(),
+                pip_requirements=pip_requirements(),
+                metadata={"sav_schema_version": artifact.schema_version},
+                registered_model_name=name,
+            )
         number = str(info.registered_model_version)
         tags = artifact_tags(artifact)
         for key, value in tags.items():
@@ -295,6 +327,8 @@ class AliasMove:
     previous: str | None  # where it pointed before (None: it did not exist)
 
     def describe(self) -> str:
+        if self.previous == self.version:
+            return f"{self.name}@{self.alias} already points to version {self.version}"
         before = f"version {self.previous}" if self.previous else "nothing"
         return f"{self.name}@{self.alias}: {before} -> version {self.version}"
 
@@ -310,20 +344,10 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _alias_version(c: Any, name: str, alias: str) -> Any | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return c.get_model_version_by_alias(name, alias)
-    except MlflowException as e:
-        if _missing(e):
-            return None
-        raise
-
-
 def _history(c: Any, name: str, alias: str) -> list[str]:
     """Versions `alias` pointed to before, oldest first (model tag `history.<alias>`)."""
-    return json.loads(c.get_registered_model(name).tags.get(f"history.{alias}", "[]"))
+    tag = _registered_model(c, name).tags.get(f"history.{alias}", "[]")
+    return [str(v) for v in json.loads(tag)]
 
 
 def _accuracy(mv: Any, alias: str) -> float:
@@ -365,12 +389,14 @@ def promote(
     candidate = _alias_version(c, name, source)
     if candidate is None:
         raise RegistryError(
-            f"models:/{name}@{source} does not exist in {uri or tracking_uri()}; register a "
-            f"version with jobs/fit.py --register {name} (it gets the alias {CANDIDATE!r})"
+            f"models:/{name}@{source} does not exist: register a version with "
+            f"jobs/fit.py --register {name} (it gets the alias {CANDIDATE!r})"
         )
     current = _alias_version(c, name, target)
-    if current is not None and current.version == candidate.version:
-        return AliasMove(name, target, current.version, current.version)
+    number = str(candidate.version)
+    before = None if current is None else str(current.version)
+    if before == number:
+        return AliasMove(name, target, number, before)
     if min_accuracy is not None:
         accuracy = _accuracy(candidate, source)
         if accuracy < min_accuracy:
@@ -380,7 +406,7 @@ def promote(
             )
     if must_beat:
         rival = _alias_version(c, name, must_beat)
-        if rival is not None and rival.version != candidate.version:
+        if rival is not None and str(rival.version) != number:
             accuracy, rival_accuracy = _accuracy(candidate, source), _accuracy(rival, must_beat)
             data, rival_data = candidate.tags.get(DATA_TAG), rival.tags.get(DATA_TAG)
             if data != rival_data:
@@ -395,9 +421,9 @@ def promote(
                     f"does not beat {name}@{must_beat} (version {rival.version}, accuracy "
                     f"{rival_accuracy:.4f})"
                 )
-    history = _history(c, name, target) + ([current.version] if current is not None else [])
-    c.set_registered_model_alias(name, target, candidate.version)
-    move = AliasMove(name, target, candidate.version, current.version if current else None)
+    history = _history(c, name, target) + ([before] if before is not None else [])
+    c.set_registered_model_alias(name, target, number)
+    move = AliasMove(name, target, number, before)
     _record_move(c, move, f"promote from {source}", history)
     return move
 
@@ -425,6 +451,6 @@ def rollback(name: str, target: str = "production", *, uri: str | None = None) -
             "version instead"
         ) from None
     c.set_registered_model_alias(name, target, previous)
-    move = AliasMove(name, target, previous, current.version if current else None)
+    move = AliasMove(name, target, previous, None if current is None else str(current.version))
     _record_move(c, move, "rollback", history)
     return move

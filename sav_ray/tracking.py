@@ -83,8 +83,8 @@ def _is_relative_local(uri: str) -> bool:
 
 def tracking_uri(flag: str | None = None) -> str:
     """The MLflow store to use: `flag`, else MLFLOW_TRACKING_URI, else the embedded default."""
-    uri, source = (flag, "--tracking-uri") if flag else (os.environ.get("MLFLOW_TRACKING_URI"), "")
-    source = source or "MLFLOW_TRACKING_URI"
+    source = "--tracking-uri" if flag else "MLFLOW_TRACKING_URI"
+    uri = flag or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         if in_ray_job() and _is_relative_local(uri):
             raise ConfigError(

@@ -70,3 +70,88 @@ def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# --- MLflow: tracking, registry, evaluation and promotion tests -----------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory):
+    """The session's MLflow store: sqlite in a temp folder, never the repo's data/mlflow.
+
+    Set in the environment, so jobs run in-process or as subprocesses use it too.
+    """
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """{"train": manifest, "test": manifest}: demo images, 3 classes, 6 train and 3 test each."""
+    from sav_ray.demo_data import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("small_data"), train_per_class=6, test_per_class=3)
+
+
+def _manifest_examples(path):
+    """(examples, labels) of a manifest, images loaded: the in-process view of its rows."""
+    from sav_ray.images import load_image
+    from sav_ray.manifest import read_manifest
+    from sav_ray.prompts import Example
+
+    table = read_manifest(path)
+    examples = [
+        Example(text=text, images=[load_image(p) for p in paths], where=f"row {row}")
+        for row, paths, text in zip(
+            table["row"].to_pylist(),
+            table["images"].to_pylist(),
+            table["text"].to_pylist(),
+            strict=True,
+        )
+    ]
+    return examples, table["label"].to_pylist()
+
+
+@pytest.fixture(scope="session")
+def manifest_examples():
+    """path -> (examples, labels): a manifest's rows as in-process Examples, images loaded."""
+    return _manifest_examples
+
+
+@pytest.fixture(scope="session")
+def demo_sav(demo_model_dir, small_data, tmp_path_factory):
+    """(LoadedModel, artifact folder, SavArtifact): the demo model's SAV (k=10) on small_data,
+    fitted in-process with the core functions (no Ray), written with the one writer."""
+    import numpy as np
+
+    from sav_ray import reduce
+    from sav_ray.artifact import SavArtifact, Selection, write_artifact
+    from sav_ray.capture import capture_examples
+    from sav_ray.models import load_model
+    from sav_ray.prompts import PromptConfig
+
+    lm = load_model(str(demo_model_dir))
+    examples, labels_of_rows = _manifest_examples(small_data["train"])
+    labels = tuple(sorted(set(labels_of_rows)))
+    y = np.array([labels.index(label) for label in labels_of_rows])  # [n]
+    vectors = capture_examples(lm, examples, PromptConfig())  # [n, layer, head, head_dim]
+    sums = reduce.ClassSums.from_batch(labels, vectors, y)
+    scores = reduce.head_hits(vectors, y, sums, "paper").scores()  # [layer, head]
+    heads = reduce.select_heads(scores, 10)  # [k, 2]
+    artifact = SavArtifact(
+        labels=list(labels),
+        heads=heads,
+        centroids=reduce.gather_heads(sums.centroids(), heads),  # [class, k, head_dim]
+        base_model=lm.info,
+        prompt=PromptConfig(),
+        selection=Selection(
+            method="paper",
+            k=10,
+            examples_per_class={lab: int(c) for lab, c in zip(labels, sums.counts, strict=True)},
+            scores=[float(scores[layer, head]) for layer, head in heads],
+        ),
+        head_scores=scores.astype(np.float32),
+    )
+    out = tmp_path_factory.mktemp("demo_sav") / "sav"
+    return lm, out, write_artifact(artifact, out)
