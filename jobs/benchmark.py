@@ -42,7 +42,7 @@ from sav_ray import bench, tracking  # noqa: E402
 from sav_ray.artifact import write_artifact  # noqa: E402
 from sav_ray.config import FitConfig  # noqa: E402
 from sav_ray.demo_data import make_dataset  # noqa: E402
-from sav_ray.errors import ConfigError, user_message  # noqa: E402
+from sav_ray.errors import ConfigError, job_main  # noqa: E402
 from sav_ray.fitting import fit, init_ray  # noqa: E402
 from sav_ray.models import default_device, load_model  # noqa: E402
 from sav_ray.prompts import PromptConfig  # noqa: E402
@@ -239,20 +239,14 @@ def log_to_mlflow(report: dict[str, Any], markdown: str, tracking_uri: str | Non
         return active.info.run_id
 
 
-def main(argv: list[str] | None = None) -> int:
+@job_main
+def main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else FULL
-    try:
-        with tempfile.TemporaryDirectory(prefix="sav-bench-") as work:
-            rows, serving, run = run_benchmark(args, sizes, Path(work))
-    except Exception as e:
-        message = user_message(e)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    with tempfile.TemporaryDirectory(prefix="sav-bench-") as work:
+        rows, serving, run = run_benchmark(args, sizes, Path(work))
     report = {**run, "rows": [row.to_dict() for row in rows], "serving": serving}
     header = {
         "command": report["command"],

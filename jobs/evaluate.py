@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from sav_ray import registry  # noqa: E402
 from sav_ray.config import ModelConfig  # noqa: E402
-from sav_ray.errors import user_message  # noqa: E402
+from sav_ray.errors import job_main  # noqa: E402
 from sav_ray.evaluation import (  # noqa: E402
     all_heads_centroids,
     check_labels,
@@ -59,55 +59,47 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+@job_main
+def main(argv: list[str] | None) -> int:
     args = parse(argv)
-    try:
-        uri = use_store(args.tracking_uri)
-        artifact = registry.load_artifact_ref(args.model, uri=uri)
-        version = (
-            registry.model_version(args.model, uri)
-            if registry.is_registry_ref(args.model)
-            else None
-        )
-        base = artifact.base_model
-        model = ModelConfig(
-            model=args.base_model or base.name_or_path, revision=base.revision, dtype=args.dtype,
-            device_map=args.device_map, batch_size=args.batch_size, actors=args.actors,
-            gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
-        )  # fmt: skip
-        fields = ManifestFields.from_flags(
-            args.image_field, args.text_field, args.label_field, args.id_field
-        )
-        test = read_manifest(args.data, fields)
-        check_labels(test, artifact.labels, "--data")
-        check_image_files(test)
-        train = read_manifest(args.train, fields) if args.train else None
-        if train is not None:
-            check_image_files(train)
-        name = f"{version.name}-v{version.version}" if version else Path(args.model).name
-        tags = {"sav.job": "evaluate", "sav.model": args.model}
-        with run(args.experiment, uri, f"evaluate-{name}", tags=tags) as active:
-            import mlflow
+    uri = use_store(args.tracking_uri)
+    artifact = registry.load_artifact_ref(args.model, uri=uri)
+    version = (
+        registry.model_version(args.model, uri) if registry.is_registry_ref(args.model) else None
+    )
+    base = artifact.base_model
+    model = ModelConfig(
+        model=args.base_model or base.name_or_path, revision=base.revision, dtype=args.dtype,
+        device_map=args.device_map, batch_size=args.batch_size, actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
+    )  # fmt: skip
+    fields = ManifestFields.from_flags(
+        args.image_field, args.text_field, args.label_field, args.id_field
+    )
+    test = read_manifest(args.data, fields)
+    check_labels(test, artifact.labels, "--data")
+    check_image_files(test)
+    train = read_manifest(args.train, fields) if args.train else None
+    if train is not None:
+        check_image_files(train)
+    name = f"{version.name}-v{version.version}" if version else Path(args.model).name
+    tags = {"sav.job": "evaluate", "sav.model": args.model}
+    with run(args.experiment, uri, f"evaluate-{name}", tags=tags) as active:
+        import mlflow
 
-            mlflow.log_params({k: v for k, v in vars(args).items() if v is not None})
-            init_ray()
-            centroids = all_heads_centroids(
-                artifact, model, train_table=train, vectors_dir=args.train_vectors
-            )
-            records = evaluate_table(test, model, artifact, centroids, args.max_new_tokens)
-            report = summarize(records, artifact.labels)
-            log_evaluation(report, model_id=registry.logged_model_id(version) if version else None)
-            rows = "".join(json.dumps(r, default=str) + "\n" for r in records)
-            mlflow.log_text(rows, "predictions.jsonl")
-            if version is not None:
-                eval_tags = registry.evaluation_tags(report, args.data, active.info.run_id)
-                registry.set_version_tags(version.name, version.version, eval_tags, uri)
-    except Exception as e:
-        message = user_message(e)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        mlflow.log_params({k: v for k, v in vars(args).items() if v is not None})
+        init_ray()
+        centroids = all_heads_centroids(
+            artifact, model, train_table=train, vectors_dir=args.train_vectors
+        )
+        records = evaluate_table(test, model, artifact, centroids, args.max_new_tokens)
+        report = summarize(records, artifact.labels)
+        log_evaluation(report, model_id=registry.logged_model_id(version) if version else None)
+        rows = "".join(json.dumps(r, default=str) + "\n" for r in records)
+        mlflow.log_text(rows, "predictions.jsonl")
+        if version is not None:
+            eval_tags = registry.evaluation_tags(report, args.data, active.info.run_id)
+            registry.set_version_tags(version.name, version.version, eval_tags, uri)
     print(f"{len(records)} rows of {args.data}")
     print(format_table(report, k=len(artifact.heads), num_heads=base.num_layers * base.num_heads))
     print(f"MLflow run {active.info.run_id} in {uri}")

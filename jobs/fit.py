@@ -25,33 +25,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from sav_ray.artifact import write_artifact  # noqa: E402
 from sav_ray.config import FitConfig  # noqa: E402
-from sav_ray.errors import ConfigError, user_message  # noqa: E402
+from sav_ray.errors import ConfigError, job_main  # noqa: E402
 from sav_ray.fitting import fit  # noqa: E402
 from sav_ray.registry import check_model_name, register_artifact  # noqa: E402
 from sav_ray.tracking import check_job_outputs, fit_run, log_fit  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = FitConfig.from_args(argv)
-        check_job_outputs(cfg)
-        check_model_name(cfg.register)
-        if cfg.output and Path(cfg.output).exists() and not cfg.overwrite:
-            raise ConfigError(
-                f"--output {cfg.output}: already exists; pass --overwrite to replace it"
-            )
-        with fit_run(cfg) as run:  # ends FAILED if anything below raises: then no version
-            artifact, stats = fit(cfg)
-            out = cfg.output or run.scratch / "sav"
-            artifact = write_artifact(artifact, out, overwrite=cfg.overwrite)
-            log_fit(artifact, out, stats, vectors=cfg.save_vectors)
-            version = register_artifact(cfg.register, artifact, out) if cfg.register else None
-    except Exception as e:
-        message = user_message(e)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+@job_main
+def main(argv: list[str] | None) -> int:
+    cfg = FitConfig.from_args(argv)
+    check_job_outputs(cfg)
+    check_model_name(cfg.register)
+    if cfg.output and Path(cfg.output).exists() and not cfg.overwrite:
+        raise ConfigError(f"--output {cfg.output}: already exists; pass --overwrite to replace it")
+    with fit_run(cfg) as run:  # ends FAILED if anything below raises: then no version
+        artifact, stats = fit(cfg)
+        out = cfg.output or run.scratch / "sav"
+        artifact = write_artifact(artifact, out, overwrite=cfg.overwrite)
+        log_fit(artifact, out, stats, vectors=cfg.save_vectors)
+        version = register_artifact(cfg.register, artifact, out) if cfg.register else None
     heads = ", ".join(f"L{layer}H{head}" for layer, head in artifact.heads[:5])
     print(
         f"fitted {stats.examples} examples ({stats.forward_rows:.0f} model rows) "

@@ -18,11 +18,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
 from sav_ray.config import ModelConfig, add_model_args  # noqa: E402
-from sav_ray.errors import user_message  # noqa: E402
+from sav_ray.errors import job_main  # noqa: E402
 from sav_ray.fitting import init_ray  # noqa: E402
 from sav_ray.manifest import ManifestFields, check_image_files, read_manifest  # noqa: E402
 from sav_ray.predicting import accuracy, predict_table, write_predictions  # noqa: E402
 from sav_ray.registry import load_artifact_ref  # noqa: E402
+from sav_ray.tracking import check_job_path  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -38,30 +39,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+@job_main
+def main(argv: list[str] | None) -> int:
     args = parse(argv)
-    try:
-        artifact = load_artifact_ref(args.artifact)
-        model = ModelConfig(**{f.name: getattr(args, f.name) for f in fields(ModelConfig)})
-        if not model.model:
-            base = artifact.base_model
-            model = replace(
-                model, model=base.name_or_path, revision=model.revision or base.revision
-            )
-        fields_ = ManifestFields.from_flags(
-            args.image_field, args.text_field, args.label_field, args.id_field
-        )
-        table = read_manifest(args.data, fields_, require_label=False)
-        check_image_files(table)
-        init_ray()
-        records = predict_table(table, model, artifact)
-        write_predictions(records, args.output)
-    except Exception as e:
-        message = user_message(e)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    check_job_path("--output", args.output)
+    artifact = load_artifact_ref(args.artifact)
+    model = ModelConfig(**{f.name: getattr(args, f.name) for f in fields(ModelConfig)})
+    if not model.model:
+        base = artifact.base_model
+        model = replace(model, model=base.name_or_path, revision=model.revision or base.revision)
+    fields_ = ManifestFields.from_flags(
+        args.image_field, args.text_field, args.label_field, args.id_field
+    )
+    table = read_manifest(args.data, fields_, require_label=False)
+    check_image_files(table)
+    init_ray()
+    records = predict_table(table, model, artifact)
+    write_predictions(records, args.output)
     acc = accuracy(records)
     print(f"classified {len(records)} rows -> {args.output}")
     if acc is not None:

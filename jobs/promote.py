@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
-from sav_ray.errors import user_message  # noqa: E402
+from sav_ray.errors import job_main  # noqa: E402
 from sav_ray.registry import CANDIDATE, PromotionRefused, promote, rollback  # noqa: E402
 from sav_ray.tracking import use_store  # noqa: E402
 
@@ -36,7 +36,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+@job_main
+def main(argv: list[str] | None) -> int:
     args = parse(argv)
     try:
         uri = use_store(args.tracking_uri)
@@ -50,12 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     except PromotionRefused as e:
         print(f"refused: {e}", file=sys.stderr)
         return 1
-    except Exception as e:
-        message = user_message(e)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
     print(("rolled back " if args.rollback else "promoted ") + move.describe())
     return 0
 

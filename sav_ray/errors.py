@@ -8,6 +8,7 @@ original so a job prints one clear line instead of a remote traceback.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 
@@ -37,14 +38,19 @@ def user_message(exc: BaseException) -> str | None:
     return None
 
 
-def exit_code_of(job: Callable[[], int]) -> int:
-    """Run a job's body: a user's mistake becomes one `error: ...` line on stderr and exit code 2;
-    anything else (a bug) propagates with its traceback."""
-    try:
-        return job()
-    except Exception as e:
-        message = user_message(e)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+def job_main(body: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Decorate a job's `main(argv)`: a user's mistake becomes one `error: ...` line on stderr
+    and exit code 2; anything else (a bug) propagates with its traceback."""
+
+    @functools.wraps(body)
+    def main(argv: list[str] | None = None) -> int:
+        try:
+            return body(argv)
+        except Exception as e:
+            message = user_message(e)
+            if message is None:
+                raise
+            print(f"error: {message}", file=sys.stderr)
+            return 2
+
+    return main

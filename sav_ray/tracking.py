@@ -116,13 +116,17 @@ def use_store(flag: str | None = None) -> str:
 
 def check_job_outputs(cfg: FitConfig) -> None:
     """Refuse relative output paths under `ray job submit`: they would land in a temporary copy."""
-    for flag, path in (("--output", cfg.output), ("--save-vectors", cfg.save_vectors)):
-        if path and in_ray_job() and "://" not in path and not os.path.isabs(path):
-            raise ConfigError(
-                f"{flag} {path}: a relative path under `ray job submit` would be written to the "
-                "job's temporary working directory and lost; give an absolute path on shared "
-                "storage, or use --register NAME to keep the artifact in MLflow"
-            )
+    check_job_path("--output", cfg.output)
+    check_job_path("--save-vectors", cfg.save_vectors)
+
+
+def check_job_path(flag: str, path: str | None) -> None:
+    if path and in_ray_job() and "://" not in path and not os.path.isabs(path):
+        raise ConfigError(
+            f"{flag} {path}: a relative path under `ray job submit` would be written to the "
+            "job's temporary working directory and lost; give an absolute path on shared "
+            "storage, or use --register NAME to keep the artifact in MLflow"
+        )
 
 
 def experiment_id(name: str, uri: str) -> str:
