@@ -25,6 +25,7 @@ import getpass
 import hashlib
 import json
 import re
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -235,14 +236,19 @@ def register_artifact(
     check_model_name(name)
     run_id = mlflow.active_run().info.run_id
     c = client(mlflow.get_tracking_uri())
+    staging = tempfile.TemporaryDirectory(prefix="sav-register-")
     try:
+        # MLflow stores a logged folder under its own base name: stage it as SAV_SUBDIR so
+        # download_artifact finds it whatever --output was called.
+        staged = Path(staging.name) / SAV_SUBDIR
+        shutil.copytree(artifact_dir, staged)
         with warnings.catch_warnings():
             # The signature is given; an input example would load the base model at log time.
             warnings.filterwarnings("ignore", message="(?i).*input example", category=UserWarning)
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME,
                 python_model=str(PYFUNC_FILE),
-                artifacts={SAV_SUBDIR: str(artifact_dir)},
+                artifacts={SAV_SUBDIR: str(staged)},
                 signature=pyfunc_signature(),
                 pip_requirements=pip_requirements(),
                 metadata={"sav_schema_version": artifact.schema_version},
@@ -263,6 +269,8 @@ def register_artifact(
     except BaseException:
         _delete_versions_of_run(c, name, run_id)
         raise
+    finally:
+        staging.cleanup()
     return c.get_model_version(name, number)
 
 

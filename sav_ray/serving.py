@@ -57,7 +57,9 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """Limits on one request. Counts and text length are also stated in the OpenAPI schema."""
+    """Limits on one request. Body size, counts and text length are enforced by the HTTP layer
+    (serve/app.py, serve/schemas.py: they appear in /openapi.json); image bytes and pixels by
+    `to_examples`."""
 
     max_body_bytes: int = 32 * 2**20
     max_inputs: int = 32
@@ -65,7 +67,7 @@ class RequestLimits:
     max_text_chars: int = 8_000
     max_image_bytes: int = 10 * 2**20
     max_image_pixels: int = 16_000_000  # per image, read from the header before decoding
-    max_request_pixels: int = 64_000_000  # all images of a request: bounds decoded memory
+    max_request_pixels: int = 32_000_000  # all images of a request: bounds decoded memory
 
     def __post_init__(self) -> None:
         bad = [f"{k}={v}" for k, v in vars(self).items() if not isinstance(v, int) or v < 1]
@@ -118,7 +120,9 @@ def image_bytes(source: str, sources: ImageSources, limits: RequestLimits, what:
     match = _DATA_URI.match(source)
     if match:
         if not match.group(3):
-            raise RequestError(400, f"{what}: a data: URI must be base64 (data:image/png;base64,...)")
+            raise RequestError(
+                400, f"{what}: a data: URI must be base64 (data:image/png;base64,...)"
+            )
         source = source[match.end() :]
     if len(source) > limits.max_image_chars:
         raise RequestError(

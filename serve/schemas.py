@@ -1,0 +1,159 @@
+"""The server's configuration and its HTTP request and response models (pydantic).
+
+`AppConfig` is the `args:` block of `serve/config.yaml`, validated once when the application
+is built (a wrong or unknown key is reported by name). The request model is built from the
+configured limits (`classify_request_model`), so `/openapi.json` states them (`maxItems`,
+`maxLength`) and a request over one gets 413.
+"""
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from sav_ray.serving import ImageSources, RequestLimits
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class ServedModel(BaseModel):
+    """One classifier the server offers: the name clients use, and where its artifact is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=_NAME, description="the name clients send as `model`")
+    ref: str = Field(
+        min_length=1,
+        description="models:/NAME@ALIAS (followed as the alias moves), models:/NAME/VERSION, "
+        "or an artifact folder on the server",
+    )
+
+
+class AppConfig(BaseModel):
+    """`args:` of serve/config.yaml (see there for each key's meaning)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ServedModel] = Field(min_length=1)
+    base_model: str | None = Field(
+        None, description="hub id or folder; default: the first model's artifact's base model"
+    )
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    torch_threads: int | None = Field(None, ge=1)
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI or the local store"
+    )
+    poll_interval_s: float = Field(30.0, ge=0, description="alias polling period; 0 turns it off")
+    request_timeout_s: float = Field(60.0, gt=0)
+    load_timeout_s: float = Field(600.0, gt=0)
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_models_per_replica: int = Field(8, ge=1)
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+    image_sources: ImageSources = Field(default_factory=ImageSources)
+    token_env: str = Field(
+        "SAV_SERVE_TOKEN",
+        description="environment variable holding the bearer token; unset or empty: no token",
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _distinct_names(cls, models: list[ServedModel]) -> list[ServedModel]:
+        names = [m.name for m in models]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"model names must be distinct; repeated: {repeated}")
+        return models
+
+
+class InputBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def classify_request_model(limits: RequestLimits) -> type[BaseModel]:
+    """The `POST /v1/classify` body, with `limits` as schema constraints."""
+    image = Annotated[str, StringConstraints(min_length=1, max_length=limits.max_image_chars)]
+
+    class ClassifyInput(InputBase):
+        text: str = Field(
+            "",
+            max_length=limits.max_text_chars,
+            description="the input's text (the question); `<image>` marks where images go",
+        )
+        images: list[image] = Field(
+            default_factory=list,
+            max_length=limits.max_images_per_input,
+            description="images in order, each the file's bytes in base64 (or a data: URI); "
+            "file:// paths and URLs only where the server allows them",
+        )
+
+    class ClassifyRequest(InputBase):
+        model: str = Field(max_length=128, description="a served model name (GET /v1/models)")
+        inputs: list[ClassifyInput] = Field(min_length=1, max_length=limits.max_inputs)
+
+        model_config = ConfigDict(
+            extra="forbid",
+            json_schema_extra={
+                "examples": [
+                    {
+                        "model": "shapes",
+                        "inputs": [{"text": "What is in the image?", "images": ["iVBORw0KGgo..."]}],
+                    }
+                ]
+            },
+        )
+
+    return ClassifyRequest
+
+
+class Output(BaseModel):
+    label: str = Field(description="the predicted label: most votes")
+    votes: dict[str, int] = Field(description="heads voting for each label; they sum to k")
+    scores: dict[str, float] = Field(description="votes / k per label")
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    version: str | None = Field(description="registry version; null for an artifact folder")
+    model_id: str = Field(description="the pinned reference that answered")
+    artifact_hash: str = Field(description="SHA-256 of the artifact's sav.json")
+    outputs: list[Output] = Field(description="one per input, in order")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    ref: str
+    status: str = Field(description="ready | loading | error")
+    version: str | None = None
+    model_id: str | None = None
+    artifact_hash: str | None = None
+    labels: list[str] | None = None
+    k: int | None = Field(None, description="selected heads")
+    deepest_layer: int | None = Field(None, description="the forward pass stops after it")
+    error: str | None = Field(None, description="the last refresh's error, if any")
+    updated_at: str | None = None
+
+
+class ModelsResponse(BaseModel):
+    base_model: dict | None
+    poll_interval_s: float
+    models: list[ModelInfo]
+
+
+class ReloadChange(BaseModel):
+    name: str
+    from_version: str | None
+    to_version: str | None
+    from_model_id: str | None
+    to_model_id: str | None
+    changed: bool
+    error: str | None = None
+
+
+class ReloadResponse(BaseModel):
+    changes: list[ReloadChange]
+
+
+class ErrorResponse(BaseModel):
+    detail: str
