@@ -1,8 +1,11 @@
 """The offline demo (`make demo`): every step a user would run, on a tiny local model.
 
 1. build a tiny random Qwen2-VL and a generated 3-class image data set under data/demo/
-2. fit a SAV classifier on Ray (jobs/fit.py)
+2. fit a SAV classifier on Ray and register it in MLflow as `sav-demo` (alias candidate)
 3. classify the held-out split (jobs/predict.py) and print the test accuracy
+4. evaluate the candidate against the zero-shot and all-heads baselines (jobs/evaluate.py)
+5. promote it to `production` if it reaches 0.9 accuracy (jobs/promote.py)
+6. serve `models:/sav-demo@production` with Ray Serve and classify the test images over HTTP
 
 Each step is the command line a user would type, printed before it runs.
 """
@@ -20,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from sav_ray.demo_data import make_dataset  # noqa: E402
 from sav_ray.tiny import build_demo_model  # noqa: E402
+from sav_ray.tracking import tracking_uri  # noqa: E402
 
 DEMO = ROOT / "data" / "demo"
 
@@ -39,28 +43,19 @@ def main() -> int:
     splits = make_dataset(DEMO / "data")
     print(f"model: {model}\ntrain: {splits['train']}\ntest:  {splits['test']}")
 
-    sav = DEMO / "sav"
-    run(
-        "jobs/fit.py",
-        "--model",
-        str(model),
-        "--train",
-        str(splits["train"]),
-        "--output",
-        str(sav),
-        "--overwrite",
-        "--num-heads",
-        "20",
-    )
-    run(
-        "jobs/predict.py",
-        "--artifact",
-        str(sav),
-        "--data",
-        str(splits["test"]),
-        "--output",
-        str(DEMO / "predictions.jsonl"),
-    )
+    sav, name = DEMO / "sav", "sav-demo"
+    train, test = str(splits["train"]), str(splits["test"])
+    run("jobs/fit.py", "--model", str(model), "--train", train, "--output", str(sav),
+        "--overwrite", "--num-heads", "20", "--register", name)  # fmt: skip
+    run("jobs/predict.py", "--artifact", str(sav), "--data", test,
+        "--output", str(DEMO / "predictions.jsonl"))  # fmt: skip
+    run("jobs/evaluate.py", "--model", f"models:/{name}@candidate", "--data", test,
+        "--train", train)  # fmt: skip
+    run("jobs/promote.py", name, "--from", "candidate", "--to", "production",
+        "--min-accuracy", "0.9")  # fmt: skip
+    run("-m", "serve.local", "--ref", f"models:/{name}@production", "--data", test)
+    print(f"\nMLflow: mlflow ui --backend-store-uri {tracking_uri()} --port 5000"
+          "  (then open http://127.0.0.1:5000)")  # fmt: skip
     return 0
 
 

@@ -11,7 +11,7 @@ import argparse
 import socket
 import sys
 
-from sav_ray.errors import exit_code_of
+from sav_ray.errors import job_main
 
 
 def free_port() -> int:
@@ -20,7 +20,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main(argv: list[str] | None = None) -> int:
+@job_main
+def main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m serve.local", description=__doc__.splitlines()[0])
     p.add_argument("--ref", required=True, help="artifact folder or models:/NAME@ALIAS")
     p.add_argument("--data", required=True, help="manifest to classify over HTTP")
@@ -29,41 +30,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", default=None, help="MLflow store for a models:/ reference")
     args = p.parse_args(argv)
 
-    def job() -> int:
-        from ray import serve
+    from ray import serve
 
-        from sav_ray.fitting import init_ray
-        from serve.app import application
-        from serve.client import accuracy, classify_manifest, wait_ready
-        from serve.schemas import AppConfig
+    from sav_ray.fitting import init_ray
+    from serve.app import application
+    from serve.client import accuracy, classify_manifest, wait_ready
+    from serve.schemas import AppConfig
 
-        config = AppConfig(
-            models=[{"name": args.name, "ref": args.ref}],
-            tracking_uri=args.tracking_uri,
-            poll_interval_s=0,
+    config = AppConfig(
+        models=[{"name": args.name, "ref": args.ref}],
+        tracking_uri=args.tracking_uri,
+        poll_interval_s=0,
+    )
+    port = args.port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    init_ray()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(
+            application(config, ingress_options={"ray_actor_options": {"num_cpus": 0.25}}),
+            name="sav",
+            route_prefix="/",
         )
-        port = args.port or free_port()
-        url = f"http://127.0.0.1:{port}"
-        init_ray()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        try:
-            serve.run(
-                application(config, ingress_options={"ray_actor_options": {"num_cpus": 0.25}}),
-                name="sav",
-                route_prefix="/",
-            )
-            wait_ready(url)
-            print(f"serving {args.ref} as {args.name!r} at {url}", flush=True)
-            records = classify_manifest(url, args.name, args.data)
-        finally:
-            serve.shutdown()
-        acc = accuracy(records)
-        print(f"classified {len(records)} rows over HTTP")
-        if acc is not None:
-            print(f"accuracy over HTTP {acc:.4f}")
-        return 0
-
-    return exit_code_of(job)
+        wait_ready(url)
+        print(f"serving {args.ref} as {args.name!r} at {url}", flush=True)
+        records = classify_manifest(url, args.name, args.data)
+    finally:
+        serve.shutdown()
+    acc = accuracy(records)
+    print(f"classified {len(records)} rows over HTTP")
+    if acc is not None:
+        print(f"accuracy over HTTP {acc:.4f}")
+    return 0
 
 
 if __name__ == "__main__":
