@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from sav_ray import bench, tracking  # noqa: E402
+from sav_ray import bench, bench_serving, tracking  # noqa: E402
 from sav_ray.artifact import write_artifact  # noqa: E402
 from sav_ray.config import FitConfig  # noqa: E402
 from sav_ray.demo_data import make_dataset  # noqa: E402
@@ -176,7 +176,7 @@ def run_benchmark(
     rows.append(bench.reducer_memory(shape=sizes.memory_shape))
     rows.append(bench.early_exit(lm, examples[0], prompt, sizes.reps, clock))
 
-    serving_rows, serving_table = bench.serving(
+    serving_rows, serving_table = bench_serving.serving(
         work / "sav", lm, examples[0], dtype=args.dtype, device=device, threads=threads,
         clients=sizes.clients, requests=sizes.requests, overhead_reps=sizes.overhead_reps,
     )  # fmt: skip

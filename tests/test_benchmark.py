@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from sav_ray import bench, reduce
+from sav_ray import bench, bench_serving, reduce
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = [
@@ -87,7 +87,7 @@ def test_load_test_sends_every_request_once_and_counts_failures():
         if len(sent) % 4 == 0:
             raise ConnectionError("dropped")
 
-    result = bench.load_test(send, clients=3, requests=20, warmup=0)
+    result = bench_serving.load_test(send, clients=3, requests=20, warmup=0)
     assert len(sent) == 20
     assert result.errors == 5
     assert result.p50_ms <= result.p95_ms
