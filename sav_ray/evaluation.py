@@ -184,16 +184,9 @@ class EvaluateRows:
         centroids: np.ndarray,  # [class, layer, head, head_dim]
         max_new_tokens: int,
     ) -> None:
-        import torch
+        from sav_ray.models import load_actor_model
 
-        from sav_ray.models import load_model
-
-        if model.cpus_per_actor >= 1:
-            torch.set_num_threads(int(model.cpus_per_actor))
-        self.lm = load_model(
-            model.model, model.revision, dtype=model.dtype, device_map=model.device_map
-        )
-        artifact.base_model.check_compatible(self.lm.info)
+        self.lm = load_actor_model(model, expect=artifact.base_model)
         self.artifact = artifact
         self.centroids = centroids
         self.max_new_tokens = max_new_tokens

@@ -33,15 +33,9 @@ class ExtractVectors:
         prompt: dict[str, Any],
         vectors_dtype: str = "float32",
     ) -> None:
-        import torch
+        from sav_ray.models import load_actor_model
 
-        from sav_ray.models import load_model
-
-        if model.cpus_per_actor >= 1:
-            torch.set_num_threads(int(model.cpus_per_actor))
-        self.lm = load_model(
-            model.model, model.revision, dtype=model.dtype, device_map=model.device_map
-        )
+        self.lm = load_actor_model(model)
         self.prompt = PromptConfig.from_dict(prompt)
         self.vectors_dtype = np.dtype(vectors_dtype)
         self._info_json = json.dumps(self.lm.info.to_dict(), sort_keys=True)

@@ -14,13 +14,16 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from sav_ray.artifact import BaseModelInfo
 from sav_ray.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sav_ray.config import ModelConfig
 
 
 class ModelLayoutError(LookupError):
@@ -168,3 +171,14 @@ def load_model(
         dtype=str(torch_dtype).removeprefix("torch."),
     )
     return LoadedModel(model=model, processor=processor, layout=layout, info=info)
+
+
+def load_actor_model(cfg: ModelConfig, expect: BaseModelInfo | None = None) -> LoadedModel:
+    """Load the model inside a Ray actor: torch threads match the actor's CPU share (so actors
+    do not oversubscribe the node), and, given `expect`, refuse a model it was not fitted on."""
+    if cfg.cpus_per_actor >= 1:
+        torch.set_num_threads(int(cfg.cpus_per_actor))
+    lm = load_model(cfg.model, cfg.revision, dtype=cfg.dtype, device_map=cfg.device_map)
+    if expect is not None:
+        expect.check_compatible(lm.info)
+    return lm

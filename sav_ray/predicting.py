@@ -24,16 +24,9 @@ class ClassifyRows:
     """Ray Data actor: decoded rows -> `{row, id, true_label, prediction (JSON)}`."""
 
     def __init__(self, model: ModelConfig, artifact: SavArtifact) -> None:
-        import torch
+        from sav_ray.models import load_actor_model
 
-        from sav_ray.models import load_model
-
-        if model.cpus_per_actor >= 1:
-            torch.set_num_threads(int(model.cpus_per_actor))
-        self.lm = load_model(
-            model.model, model.revision, dtype=model.dtype, device_map=model.device_map
-        )
-        artifact.base_model.check_compatible(self.lm.info)
+        self.lm = load_actor_model(model, expect=artifact.base_model)
         self.artifact = artifact
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
