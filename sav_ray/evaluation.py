@@ -33,6 +33,7 @@ import numpy as np
 from sav_ray import reduce
 from sav_ray.artifact import BaseModelInfo, SavArtifact
 from sav_ray.config import ModelConfig
+from sav_ray.decode import examples_of
 from sav_ray.manifest import ManifestError
 from sav_ray.prompts import Example, PromptConfig, encode
 
@@ -193,12 +194,8 @@ class EvaluateRows:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from sav_ray.capture import capture_examples
-        from sav_ray.images import array_to_image
 
-        examples = [
-            Example(text=str(t), images=[array_to_image(a) for a in px], where=f"row {r}")
-            for r, t, px in zip(batch["row"], batch["text"], batch["pixels"], strict=True)
-        ]
+        examples = examples_of(batch)
         art = self.artifact
         vectors = capture_examples(self.lm, examples, art.prompt)  # [batch, layer, head, head_dim]
         sav = reduce.classify(reduce.gather_heads(vectors, art.heads), art.centroids)

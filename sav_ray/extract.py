@@ -18,8 +18,8 @@ import numpy as np
 
 from sav_ray.capture import capture_examples
 from sav_ray.config import ModelConfig
-from sav_ray.images import array_to_image
-from sav_ray.prompts import Example, PromptConfig
+from sav_ray.decode import examples_of
+from sav_ray.prompts import PromptConfig
 
 OUTPUT_COLUMNS = ("row", "id", "label", "vectors", "forward_rows", "model_info")
 
@@ -48,15 +48,7 @@ class ExtractVectors:
         self._rows_run += hidden.shape[0]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-
-        examples = [
-            Example(
-                text=str(text),
-                images=[array_to_image(a) for a in pixels],
-                where=f"row {row}",
-            )
-            for row, text, pixels in zip(batch["row"], batch["text"], batch["pixels"], strict=True)
-        ]
+        examples = examples_of(batch)
         before = self._rows_run
         vectors = capture_examples(self.lm, examples, self.prompt)  # [batch, layer, head, head_dim]
         n = len(examples)

@@ -15,9 +15,8 @@ import numpy as np
 
 from sav_ray.artifact import SavArtifact
 from sav_ray.config import ModelConfig
-from sav_ray.decode import object_column
+from sav_ray.decode import examples_of, object_column
 from sav_ray.errors import ConfigError
-from sav_ray.prompts import Example
 
 
 class ClassifyRows:
@@ -31,12 +30,8 @@ class ClassifyRows:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from sav_ray.classify import predict_examples
-        from sav_ray.images import array_to_image
 
-        examples = [
-            Example(text=str(t), images=[array_to_image(a) for a in px], where=f"row {r}")
-            for r, t, px in zip(batch["row"], batch["text"], batch["pixels"], strict=True)
-        ]
+        examples = examples_of(batch)
         preds = predict_examples(self.lm, self.artifact, examples)
         return {
             "row": batch["row"],

@@ -29,8 +29,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from sav_ray.images import array_to_image
-
 pytestmark = pytest.mark.slow
 
 TOKEN = "test-token-3f9a"
@@ -111,11 +109,11 @@ def server(local_ray, demo_model_dir, demo_data, tmp_path_factory):
     from sav_ray.artifact import write_artifact
     from sav_ray.capture import capture_examples
     from sav_ray.config import ModelConfig
-    from sav_ray.decode import decode_images, object_column
+    from sav_ray.decode import decode_images, examples_of, object_column
     from sav_ray.manifest import ManifestFields, read_manifest
     from sav_ray.models import load_model
     from sav_ray.predicting import ClassifyRows
-    from sav_ray.prompts import Example, PromptConfig
+    from sav_ray.prompts import PromptConfig
     from sav_ray.registry import promote, register_artifact
     from sav_ray.tracking import run, use_store
     from serve.app import application
@@ -130,10 +128,7 @@ def server(local_ray, demo_model_dir, demo_data, tmp_path_factory):
         return decode_images({k: object_column(v) for k, v in table.to_pydict().items()})
 
     train = decoded(demo_data["train"])
-    examples = [
-        Example(str(t), [array_to_image(px[0])])
-        for t, px in zip(train["text"], train["pixels"], strict=True)
-    ]
+    examples = examples_of(train)
     vectors = np.concatenate(
         [capture_examples(lm, examples[i : i + 10], PromptConfig()) for i in range(0, 60, 10)]
     )  # [60, layer, head, head_dim]
@@ -164,7 +159,7 @@ def server(local_ray, demo_model_dir, demo_data, tmp_path_factory):
     for name in ("shapes", "circles"):
         rows = ClassifyRows(ModelConfig(model=str(demo_model_dir)), artifacts[name])(test)
         expected[name] = [json.loads(p) for p in rows["prediction"]]
-    images = [base64.b64encode(_png(px[0])).decode() for px in test["pixels"]]
+    images = [base64.b64encode(_png(ex.images[0])).decode() for ex in examples_of(test)]
 
     config = AppConfig(
         models=[
@@ -208,9 +203,9 @@ def server(local_ray, demo_model_dir, demo_data, tmp_path_factory):
     serve.shutdown()
 
 
-def _png(pixels) -> bytes:
+def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    array_to_image(pixels).save(buffer, format="PNG")
+    image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
