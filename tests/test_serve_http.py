@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
 from sav_ray.serving import RequestLimits
-from serve.app import Guard, _validation_handler
+from serve.http_api import Guard, _validation_handler
 from serve.schemas import AppConfig, classify_request_model
 
 LIMITS = RequestLimits(max_body_bytes=2000, max_inputs=2, max_text_chars=10, max_image_bytes=30)

@@ -1,0 +1,171 @@
+"""The Classifier deployment: ONE base model, many SAV artifacts multiplexed on it.
+
+Artifacts load on demand (`@serve.multiplexed`, keyed by a pinned model id, so requests go to
+replicas that have the artifact) through the project's single loader, refusing one fitted on
+another base model or revision. Inputs are batched (`@serve.batch`, batches never mix model
+ids); each batch is one forward pass stopped after the deepest layer its artifact selected.
+"""
+
+import asyncio
+import logging
+from collections import defaultdict
+from typing import Any
+
+import ray
+import torch
+from ray import serve
+
+from sav_ray.artifact import ArtifactError, SavArtifact
+from sav_ray.models import load_model
+from sav_ray.prompts import Example
+from sav_ray.registry import is_registry_ref, load_artifact_ref
+from sav_ray.serving import (
+    BatchStats,
+    LayerCounter,
+    RequestError,
+    check_prompt,
+    classify_isolated,
+    split_model_id,
+)
+from sav_ray.tracking import use_store
+from serve.schemas import (
+    AppConfig,
+)
+
+logger = logging.getLogger("ray.serve")
+
+# Failures of the classifier replica itself (killed, restarting): the call is retried.
+RETRYABLE = (
+    ray.exceptions.RayActorError,
+    serve.exceptions.ReplicaUnavailableError,
+    serve.exceptions.DeploymentUnavailableError,
+)
+RETRIES = 3
+
+
+def error_summary(status: int, message: str) -> dict[str, Any]:
+    return {"status": status, "error": message}
+
+
+def describe_error(e: BaseException) -> str:
+    return str(e) or type(e).__name__
+
+
+def use_registry(cfg: AppConfig) -> None:
+    """Point this process's MLflow at the configured store when a model comes from the
+    registry: MLflow resolves `models:/` downloads through its global registry URI."""
+    if any(is_registry_ref(m.ref) for m in cfg.models):
+        use_store(cfg.tracking_uri)
+
+
+@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 1})
+class Classifier:
+    """One base model, many artifacts (multiplexed), batched forward passes."""
+
+    async def __init__(self, config: dict[str, Any]) -> None:
+        cfg = AppConfig.model_validate(config)
+        self.cfg = cfg
+        use_registry(cfg)
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        base, revision = cfg.base_model, cfg.revision
+        if not base:  # as jobs/predict.py: the base model the first artifact was fitted on
+            first = await asyncio.to_thread(
+                load_artifact_ref, cfg.models[0].ref, None, cfg.tracking_uri
+            )
+            base, revision = first.base_model.name_or_path, revision or first.base_model.revision
+        self.lm = await asyncio.to_thread(
+            load_model, base, revision, dtype=cfg.dtype, device=cfg.device
+        )
+        self.layers = LayerCounter(self.lm.model)
+        self.batch_stats = BatchStats()
+        # Capture hooks are put on the shared model per pass: one forward pass at a time.
+        self._model_lock = asyncio.Lock()
+
+        async def load(model_id: str):
+            return await asyncio.to_thread(self._load_artifact, model_id)
+
+        self._artifact = serve.multiplexed(max_num_models_per_replica=cfg.max_models_per_replica)(
+            load
+        )
+        self._batched.set_max_batch_size(cfg.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    def _load_artifact(self, model_id: str) -> SavArtifact:
+        ref, digest = split_model_id(model_id)
+        artifact = load_artifact_ref(ref, self.lm.info, self.cfg.tracking_uri)
+        if digest is not None and artifact.digest != digest:
+            raise ArtifactError(
+                f"{ref} changed after it was resolved (sav.json SHA-256 {artifact.digest[:12]}, "
+                f"expected {digest[:12]}); POST /v1/models/reload"
+            )
+        return artifact
+
+    async def _get(self, model_id: str):
+        """(artifact, None) or (None, error reply): a user-fixable artifact problem (wrong base
+        model, corrupt, missing version) is 409; a failing registry is 503."""
+        try:
+            return await self._artifact(model_id), None
+        except (ValueError, LookupError) as e:
+            return None, error_summary(409, f"model {model_id} cannot be served: {e}")
+        except Exception as e:
+            logger.exception("loading %s failed", model_id)
+            return None, error_summary(
+                503, f"model {model_id} could not be loaded: {describe_error(e)}"
+            )
+
+    async def load(self, model_id: str) -> dict[str, Any]:
+        """Load an artifact (if not yet loaded) and describe it."""
+        artifact, error = await self._get(model_id)
+        if error:
+            return error
+        return {
+            "artifact_hash": artifact.digest,
+            "labels": list(artifact.labels),
+            "k": len(artifact.heads),
+            "deepest_layer": artifact.deepest_layer,
+            "base_model": self.lm.info.to_dict(),
+        }
+
+    async def classify(self, model_id: str, example: Example) -> dict[str, Any]:
+        """One input -> {label, votes, scores, artifact_hash} or {status, error}."""
+        artifact, error = await self._get(model_id)
+        if error:
+            return error
+        try:
+            check_prompt(example, artifact)
+        except RequestError as e:
+            return error_summary(e.status, e.message)
+        return await self._batched(model_id, example)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _batched(self, model_ids: list[str], examples: list[Example]) -> list[dict[str, Any]]:
+        groups: dict[str, list[int]] = defaultdict(list)  # Serve splits batches by model id too
+        for i, model_id in enumerate(model_ids):
+            groups[model_id].append(i)
+        replies: list[dict[str, Any]] = [{} for _ in examples]
+        for model_id, rows in groups.items():
+            artifact, error = await self._get(model_id)
+            if error:
+                for i in rows:
+                    replies[i] = error
+                continue
+            batch = [examples[i] for i in rows]
+            async with self._model_lock:
+                preds = await asyncio.to_thread(classify_isolated, self.lm, artifact, batch)
+            self.batch_stats.record(model_id, preds)
+            for i, pred in zip(rows, preds, strict=True):
+                replies[i] = (
+                    error_summary(pred.status, pred.message)
+                    if isinstance(pred, RequestError)
+                    else {**pred.to_dict(), "artifact_hash": artifact.digest}
+                )
+        return replies
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "num_layers": len(self.layers.counts),
+            "layers_run": list(self.layers.counts),
+            **self.batch_stats.to_dict(),
+        }
