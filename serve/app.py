@@ -4,16 +4,16 @@
     curl -s localhost:8000/v1/models       # add -H "Authorization: Bearer $SAV_SERVE_TOKEN" if set
 
 Two deployments:
-- `Classifier` (serve/classifier.py) holds ONE base model and loads SAV artifacts on demand, several per replica
-  (`@serve.multiplexed`, keyed by a pinned model id, so requests go to replicas that have the
-  artifact). Inputs are batched (`@serve.batch`, batches never mix model ids); each batch is one
-  forward pass stopped after the deepest layer its artifact selected. An artifact fitted on
-  another base model or revision is refused (409 for the client).
-- `Ingress` (here; its FastAPI routes, docs and guards are in serve/http_api.py) validates requests, decodes images, pins each
-  served name to a model id (following `models:/NAME@ALIAS` as the alias moves: polled every
-  `poll_interval_s`, at once on POST /v1/models/reload), fans a request's inputs out to the
-  classifier and maps every client mistake to a 4xx. A new version is loaded on a classifier
-  replica before requests switch to it; requests already running finish on the old one.
+- `Classifier` (serve/classifier.py) holds ONE base model and loads SAV artifacts on demand,
+  several per replica (`@serve.multiplexed`), batches inputs (`@serve.batch`) and stops each
+  forward pass after the deepest layer its artifact selected; it refuses an artifact fitted on
+  another base model or revision (409 for the client).
+- `Ingress` (here; its FastAPI routes, docs and guards are in serve/http_api.py) validates
+  requests, decodes images, pins each served name to a model id (following `models:/NAME@ALIAS`
+  as the alias moves: polled every `poll_interval_s`, at once on POST /v1/models/reload), fans a
+  request's inputs out to the classifier and maps every client mistake to a 4xx. A new version
+  is loaded on a classifier replica before requests switch to it; requests already running
+  finish on the old one.
 
 Python: `serve.start(http_options={"host": "127.0.0.1", "port": 8000}); serve.run(build_app({...}))`.
 """
