@@ -28,6 +28,10 @@ class ImageError(ValueError):
     """An image cannot be used; the message names the file (or request field) and why."""
 
 
+class ImageTooLarge(ImageError):
+    """The image is over a byte or pixel limit (a server answers 413, not 400)."""
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     """Per-image limits, checked before decoding.
@@ -79,7 +83,7 @@ def decode_image(
     try:
         img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as e:
-        raise ImageError(
+        raise ImageTooLarge(
             f"{what}: too many pixels for Pillow's decompression-bomb limit ({e})"
         ) from None
     except UnidentifiedImageError:
@@ -90,7 +94,7 @@ def decode_image(
         raise ImageError(f"{what}: corrupt image header ({e})") from None
     width, height = img.size
     if width * height > limits.max_pixels:
-        raise ImageError(
+        raise ImageTooLarge(
             f"{what}: {width}x{height} is {width * height} pixels, over the limit of "
             f"{limits.max_pixels} pixels per image; resize the image"
         )
@@ -106,7 +110,7 @@ def decode_image(
 
 def _check_bytes(size: int, limits: ImageLimits, what: str) -> None:
     if size > limits.max_bytes:
-        raise ImageError(
+        raise ImageTooLarge(
             f"{what}: {size} bytes, over the limit of {limits.max_bytes} bytes per image; "
             "compress or resize the image"
         )

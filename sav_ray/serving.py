@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import io
 import re
 import urllib.error
 import urllib.request
@@ -30,11 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from sav_ray.artifact import ARTIFACT_FILE, SavArtifact
 from sav_ray.classify import Prediction, predict_examples
-from sav_ray.images import IMAGE_FORMATS, ImageError, ImageLimits, decode_image
+from sav_ray.images import ImageError, ImageLimits, ImageTooLarge, decode_image
 from sav_ray.models import LoadedModel
 from sav_ray.prompts import Example, PromptError, user_content
 from sav_ray.registry import is_registry_ref, parse_ref
@@ -202,19 +200,6 @@ def _check_size(size: int, limits: RequestLimits, what: str) -> None:
         )
 
 
-def _header_pixels(data: bytes, what: str) -> int | None:
-    """Width x height from the image header, without decoding; None if the header is unreadable
-    (then `decode_image` names the problem)."""
-    try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
-            width, height = img.size
-    except Image.DecompressionBombError as e:
-        raise RequestError(413, f"{what}: too many pixels ({e}); resize the image") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
-        return None
-    return width * height
-
-
 def to_examples(
     inputs: Sequence[tuple[str, Sequence[str]]],
     limits: RequestLimits,
@@ -228,27 +213,21 @@ def to_examples(
         for j, source in enumerate(images):
             what = f"inputs[{i}].images[{j}]"
             data = image_bytes(source, sources, limits, what)
-            _check_size(len(data), limits, what)
-            pixels = _header_pixels(data, what)
-            if pixels is not None:
-                if pixels > limits.max_image_pixels:
-                    raise RequestError(
-                        413,
-                        f"{what}: {pixels} pixels, over the limit of {limits.max_image_pixels} "
-                        "pixels per image; resize the image",
-                    )
-                total_pixels += pixels
-                if total_pixels > limits.max_request_pixels:
-                    raise RequestError(
-                        413,
-                        f"{what}: the request's images reach {total_pixels} pixels, over the "
-                        f"limit of {limits.max_request_pixels} per request; send fewer or "
-                        "smaller images per request",
-                    )
-            try:
-                decoded.append(decode_image(data, limits.image, what=what))
+            try:  # bounded in bytes and pixels (from the header) before it is decoded
+                image = decode_image(data, limits.image, what=what)
+            except ImageTooLarge as e:
+                raise RequestError(413, str(e)) from None
             except ImageError as e:
                 raise RequestError(400, str(e)) from None
+            total_pixels += image.width * image.height
+            if total_pixels > limits.max_request_pixels:
+                raise RequestError(
+                    413,
+                    f"{what}: the request's images reach {total_pixels} pixels, over the "
+                    f"limit of {limits.max_request_pixels} per request; send fewer or "
+                    "smaller images per request",
+                )
+            decoded.append(image)
         examples.append(Example(text=text, images=decoded, where=f"inputs[{i}]"))
     return examples
 

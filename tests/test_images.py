@@ -11,6 +11,7 @@ from PIL import Image
 from sav_ray.images import (
     ImageError,
     ImageLimits,
+    ImageTooLarge,
     array_to_image,
     decode_image,
     image_to_array,
@@ -118,14 +119,16 @@ def test_too_many_pixels_is_refused_before_decoding():
     # A 5000 x 5000 blank PNG compresses to a few kB: a small decompression bomb.
     data = encode(Image.new("L", (5000, 5000)), "PNG")
     assert len(data) < 100_000
-    with pytest.raises(ImageError, match=r"upload: 5000x5000 is 25000000 pixels, over the limit"):
+    with pytest.raises(
+        ImageTooLarge, match=r"upload: 5000x5000 is 25000000 pixels, over the limit"
+    ):
         decode_image(data, ImageLimits(max_pixels=1_000_000), what="upload")
 
 
 def test_pillow_decompression_bomb_error_becomes_image_error(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     data = encode(Image.new("L", (100, 100)), "PNG")
-    with pytest.raises(ImageError, match=r"bomb\.png: too many pixels for Pillow's"):
+    with pytest.raises(ImageTooLarge, match=r"bomb\.png: too many pixels for Pillow's"):
         decode_image(data, what="bomb.png")
 
 
@@ -134,9 +137,9 @@ def test_too_many_bytes(tmp_path):
     limits = ImageLimits(max_bytes=len(data) - 1)
     path = tmp_path / "big.png"
     path.write_bytes(data)
-    with pytest.raises(ImageError, match=rf"big\.png: {len(data)} bytes, over the limit"):
+    with pytest.raises(ImageTooLarge, match=rf"big\.png: {len(data)} bytes, over the limit"):
         load_image(path, limits)
-    with pytest.raises(ImageError, match=r"field: .* bytes, over the limit"):
+    with pytest.raises(ImageTooLarge, match=r"field: .* bytes, over the limit"):
         decode_image(data, limits, what="field")
     assert load_image(path, ImageLimits(max_bytes=len(data))).size == (10, 12)
 
