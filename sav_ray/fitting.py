@@ -23,7 +23,8 @@ import numpy as np
 from sav_ray import reduce
 from sav_ray.artifact import BaseModelInfo, SavArtifact, Selection
 from sav_ray.config import FitConfig, ModelConfig
-from sav_ray.manifest import ManifestError, check_image_files, read_manifest, validate_for_fit
+from sav_ray.errors import ConfigError
+from sav_ray.manifest import check_image_files, read_manifest, validate_for_fit
 from sav_ray.prompts import PromptConfig
 
 VECTORS_META = "sav_vectors.json"  # sidecar of a vectors dataset: model, prompt, labels
@@ -183,7 +184,7 @@ def write_vectors(ds: Any, out_dir: str, meta: dict[str, Any]) -> None:
     """The vectors dataset (DESIGN.md): Parquet rows `id`, `label`, `vectors`, plus a JSON sidecar."""
     path = Path(out_dir)
     if path.exists() and any(path.iterdir()):
-        raise ManifestError(f"--save-vectors {out_dir}: folder is not empty; choose a new one")
+        raise ConfigError(f"--save-vectors {out_dir}: folder is not empty; choose a new one")
     ds.select_columns(["row", "id", "label", "vectors"]).write_parquet(str(path))
     (path / VECTORS_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
@@ -193,7 +194,7 @@ def read_vectors(in_dir: str) -> tuple[Any, dict[str, Any]]:
 
     meta_file = Path(in_dir) / VECTORS_META
     if not meta_file.is_file():
-        raise ManifestError(
+        raise ConfigError(
             f"--from-vectors {in_dir}: no {VECTORS_META}; give a folder written by --save-vectors"
         )
     meta = json.loads(meta_file.read_text())

@@ -232,6 +232,16 @@ def _chat_template(image: str) -> str:
     )
 
 
+def _qwen_token_ids(ids: dict[str, int]) -> dict[str, int]:
+    """Qwen2-VL and Qwen2.5-VL configs name their special tokens the same way."""
+    return {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+    }
+
+
 def _mrope_section(head_dim: int) -> list[int]:
     """Temporal/height/width rotary sections summing to head_dim / 2, in Qwen2-VL's 2:3:3 ratio."""
     half = head_dim // 2
@@ -258,10 +268,7 @@ def _qwen2_vl(
             "hidden_size": text["hidden_size"],
             "patch_size": _PATCH,
         },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **_qwen_token_ids(ids),
     )
     processor = build_processor(
         Qwen2VLProcessor, _qwen_image_processor(), tokenizer, tokenizer.chat_template
@@ -285,10 +292,7 @@ def _qwen2_5_vl(
             "window_size": 112,
             "fullatt_block_indexes": [1],
         },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **_qwen_token_ids(ids),
     )
     processor = build_processor(
         Qwen2_5_VLProcessor, _qwen_image_processor(), tokenizer, tokenizer.chat_template
