@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
 from sav_ray import registry  # noqa: E402
-from sav_ray.config import ModelConfig  # noqa: E402
+from sav_ray.config import ModelConfig, add_runtime_args  # noqa: E402
 from sav_ray.errors import job_main  # noqa: E402
 from sav_ray.evaluation import (  # noqa: E402
     all_heads_centroids,
@@ -32,6 +32,7 @@ from sav_ray.evaluation import (  # noqa: E402
 )
 from sav_ray.fitting import init_ray  # noqa: E402
 from sav_ray.manifest import ManifestFields, check_image_files, read_manifest  # noqa: E402
+from sav_ray.preflight import check_model  # noqa: E402
 from sav_ray.tracking import log_evaluation, run, use_store  # noqa: E402
 
 
@@ -48,12 +49,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--label-field", default="label")
     p.add_argument("--id-field", default=None)
     p.add_argument("--base-model", default="", help="another location of the artifact's model")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device-map", default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--actors", type=int, default=1)
-    p.add_argument("--gpus-per-actor", type=float, default=0.0)
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    add_runtime_args(p)
     p.add_argument("--experiment", default="sav-ray", help="MLflow experiment name")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (see jobs/fit.py)")
     return p.parse_args(argv)
@@ -68,11 +64,10 @@ def main(argv: list[str] | None) -> int:
         registry.model_version(args.model, uri) if registry.is_registry_ref(args.model) else None
     )
     base = artifact.base_model
-    model = ModelConfig(
-        model=args.base_model or base.name_or_path, revision=base.revision, dtype=args.dtype,
-        device_map=args.device_map, batch_size=args.batch_size, actors=args.actors,
-        gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
-    )  # fmt: skip
+    model = ModelConfig.from_namespace(
+        args, model=args.base_model or base.name_or_path, revision=base.revision
+    )
+    flag = "--base-model" if args.base_model else "the SAV's base model"
     fields = ManifestFields.from_flags(
         args.image_field, args.text_field, args.label_field, args.id_field
     )
@@ -82,6 +77,7 @@ def main(argv: list[str] | None) -> int:
     train = read_manifest(args.train, fields) if args.train else None
     if train is not None:
         check_image_files(train)
+    artifact.base_model.check_compatible(check_model(model, artifact.prompt, test, flag))
     name = f"{version.name}-v{version.version}" if version else Path(args.model).name
     tags = {"sav.job": "evaluate", "sav.model": args.model}
     with run(args.experiment, uri, f"evaluate-{name}", tags=tags) as active:

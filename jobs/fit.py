@@ -6,7 +6,7 @@ Locally (starts a Ray of its own):
 On a cluster (joins it; outputs must be absolute paths, URIs or --register):
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/fit.py --model Qwen/Qwen2-VL-2B-Instruct --train /data/train.jsonl \
-        --actors 4 --gpus-per-actor 1 --output /shared/savs/pets-v1
+        --output /shared/savs/pets-v1    # one actor per GPU (--actors/--gpus-per-actor auto)
 
 Refit with another k or selection from saved vectors, without the model:
     python jobs/fit.py --from-vectors /abs/vectors --num-heads 10 --output /abs/sav-k10
@@ -26,7 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from sav_ray.artifact import write_artifact  # noqa: E402
 from sav_ray.config import FitConfig  # noqa: E402
 from sav_ray.errors import ConfigError, job_main  # noqa: E402
-from sav_ray.fitting import fit  # noqa: E402
+from sav_ray.fitting import fit, init_ray  # noqa: E402
+from sav_ray.manifest import read_manifest  # noqa: E402
+from sav_ray.placement import format_placements, place  # noqa: E402
+from sav_ray.preflight import check_model  # noqa: E402
 from sav_ray.registry import check_model_name, register_artifact  # noqa: E402
 from sav_ray.tracking import check_job_outputs, fit_run, log_fit  # noqa: E402
 
@@ -38,6 +41,13 @@ def main(argv: list[str] | None) -> int:
     check_model_name(cfg.register)
     if cfg.output and Path(cfg.output).exists() and not cfg.overwrite:
         raise ConfigError(f"--output {cfg.output}: already exists; pass --overwrite to replace it")
+    if not cfg.from_vectors:
+        # Before Ray starts: the model's config and processor files only.
+        info = check_model(cfg, cfg.prompt, read_manifest(cfg.train, cfg.manifest_fields))
+        print(f"model {info.describe()}")
+        init_ray()
+        placed = place(cfg)  # a request the cluster cannot meet fails now, not in the run
+        print(f"{placed.actors} model actors, {placed.gpus_per_actor:g} GPUs each")
     with fit_run(cfg) as run:  # ends FAILED if anything below raises: then no version
         artifact, stats = fit(cfg)
         out = cfg.output or run.scratch / "sav"
@@ -50,6 +60,8 @@ def main(argv: list[str] | None) -> int:
         f"in {stats.wall_seconds:.1f}s; train accuracy {stats.train_accuracy:.3f}; "
         f"top heads {heads}; artifact {cfg.output or '(MLflow only)'}"
     )
+    if stats.placements:
+        print(format_placements(stats.placements))
     print(f"MLflow run {run.run_id} in {run.uri}")
     if version is not None:
         print(f"registered models:/{version.name}/{version.version} (alias candidate)")

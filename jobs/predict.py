@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
@@ -22,6 +22,7 @@ from sav_ray.errors import job_main  # noqa: E402
 from sav_ray.fitting import init_ray  # noqa: E402
 from sav_ray.manifest import ManifestFields, check_image_files, read_manifest  # noqa: E402
 from sav_ray.predicting import accuracy, predict_table, write_predictions  # noqa: E402
+from sav_ray.preflight import check_model  # noqa: E402
 from sav_ray.registry import load_artifact_ref  # noqa: E402
 from sav_ray.tracking import check_job_path  # noqa: E402
 
@@ -44,15 +45,18 @@ def main(argv: list[str] | None) -> int:
     args = parse(argv)
     check_job_path("--output", args.output)
     artifact = load_artifact_ref(args.artifact)
-    model = ModelConfig(**{f.name: getattr(args, f.name) for f in fields(ModelConfig)})
+    model = ModelConfig.from_namespace(args)
+    flag = "--model"
     if not model.model:
         base = artifact.base_model
         model = replace(model, model=base.name_or_path, revision=model.revision or base.revision)
+        flag = "the artifact's base model"
     fields_ = ManifestFields.from_flags(
         args.image_field, args.text_field, args.label_field, args.id_field
     )
     table = read_manifest(args.data, fields_, require_label=False)
     check_image_files(table)
+    artifact.base_model.check_compatible(check_model(model, artifact.prompt, table, flag))
     init_ray()
     records = predict_table(table, model, artifact)
     write_predictions(records, args.output)

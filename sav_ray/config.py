@@ -12,6 +12,7 @@ from typing import Any
 
 from sav_ray.errors import ConfigError
 from sav_ray.manifest import ManifestFields
+from sav_ray.placement import AUTO
 from sav_ray.prompts import PromptConfig
 from sav_ray.reduce import SELECTION_METHODS
 
@@ -25,9 +26,16 @@ class ModelConfig:
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     device_map: str | None = None  # e.g. "auto" to spread one model over an actor's GPUs
     batch_size: int = 8
-    actors: int = 1
-    gpus_per_actor: float = 0.0
+    actors: int | str = AUTO  # auto: as many as the cluster's GPUs hold; 1 on CPUs (placement)
+    gpus_per_actor: float | str = AUTO  # auto: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
+    wait_for_resources: float = 0.0  # seconds to wait for a cluster to grow to the request
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace, **given: Any) -> ModelConfig:
+        """The config of `add_model_args`/`add_runtime_args` flags; `given` overrides them."""
+        flags = {f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)}
+        return cls(**{**flags, **given})
 
 
 @dataclass(frozen=True)
@@ -73,8 +81,8 @@ class FitConfig(ModelConfig):
             raise ConfigError(f"--num-heads {self.num_heads}: must be at least 1")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
-        if self.actors < 1:
-            raise ConfigError(f"--actors {self.actors}: must be at least 1")
+        if self.actors != AUTO and self.actors < 1:
+            raise ConfigError(f"--actors {self.actors}: must be at least 1 (or auto)")
         if self.vectors_dtype not in ("float32", "float16"):
             raise ConfigError(f"--vectors-dtype {self.vectors_dtype!r}: choose float32 or float16")
         if self.train and not Path(self.train).exists():
@@ -158,6 +166,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--model", default="", help="hub id or local folder of an image-text-to-text model"
     )
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    add_runtime_args(p)
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """How the frozen model runs: dtype, batch, and the actor pool's placement."""
     p.add_argument(
         "--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16"
     )
@@ -167,6 +180,42 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="accelerate device_map for a model spanning GPUs, e.g. auto",
     )
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--actors", type=int, default=1, help="model replicas (Ray actors)")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    p.add_argument(
+        "--actors",
+        type=_auto_or(int, 1),
+        default=AUTO,
+        help="model replicas (Ray actors); auto (default): as many as the cluster's GPUs hold "
+        "at --gpus-per-actor, 1 on a CPU cluster",
+    )
+    p.add_argument(
+        "--gpus-per-actor",
+        type=_auto_or(float, 0),
+        default=AUTO,
+        help="auto (default): 1 when the cluster has GPUs, else 0",
+    )
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument(
+        "--wait-for-resources",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to this long for an autoscaling cluster to grow to the actors' request "
+        "(default 0: refuse a request the cluster cannot meet now)",
+    )
+
+
+def _auto_or(kind: type, minimum: float) -> Any:
+    """An argparse type: `auto`, or a number of `kind` at least `minimum`."""
+
+    def parse(text: str) -> Any:
+        if text == AUTO:
+            return AUTO
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give auto or a number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text}: must be at least {minimum} (or auto)")
+        return value
+
+    return parse

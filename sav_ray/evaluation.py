@@ -34,6 +34,7 @@ from sav_ray import reduce
 from sav_ray.artifact import BaseModelInfo, SavArtifact
 from sav_ray.config import ModelConfig
 from sav_ray.decode import examples_of
+from sav_ray.errors import report_init_errors
 from sav_ray.manifest import ManifestError
 from sav_ray.prompts import Example, PromptConfig, encode
 
@@ -172,6 +173,7 @@ def generate_answers(
     return lm.processor.batch_decode(new, skip_special_tokens=True)
 
 
+@report_init_errors
 class EvaluateRows:
     """Ray Data actor: decoded rows -> the three methods' predictions for each row.
 
@@ -250,7 +252,7 @@ def all_heads_centroids(
     else:
         check_labels(train_table, artifact.labels, "--train")
         ds = fitting.vectors_dataset(train_table, model, artifact.prompt, "float32")
-    sums, _, info = fitting.first_pass(ds, labels)
+    sums, _, info, _ = fitting.first_pass(ds, labels)
     if info is not None:
         artifact.base_model.check_compatible(info)
     return sums.centroids()  # [class, layer, head, head_dim]
@@ -264,9 +266,8 @@ def evaluate_table(
     max_new_tokens: int = 8,
 ) -> list[dict[str, Any]]:
     """Every row's predictions by the three methods, in manifest order."""
-    import ray
-
     from sav_ray.fitting import decoded_dataset
+    from sav_ray.placement import actor_pool
 
     ds = decoded_dataset(table, model.batch_size).map_batches(
         EvaluateRows,
@@ -277,9 +278,7 @@ def evaluate_table(
             "max_new_tokens": max_new_tokens,
         },
         batch_size=model.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=model.actors),
-        num_gpus=model.gpus_per_actor,
-        num_cpus=model.cpus_per_actor,
+        **actor_pool(model),
     )
     return sorted(ds.take_all(), key=lambda r: int(r["row"]))
 

@@ -19,11 +19,13 @@ import numpy as np
 from sav_ray.capture import capture_examples
 from sav_ray.config import ModelConfig
 from sav_ray.decode import examples_of
+from sav_ray.errors import report_init_errors
 from sav_ray.prompts import PromptConfig
 
-OUTPUT_COLUMNS = ("row", "id", "label", "vectors", "forward_rows", "model_info")
+OUTPUT_COLUMNS = ("row", "id", "label", "vectors", "forward_rows", "model_info", "placement")
 
 
+@report_init_errors
 class ExtractVectors:
     """Ray Data actor: `map_batches(ExtractVectors, fn_constructor_kwargs=..., compute=...)`."""
 
@@ -59,4 +61,5 @@ class ExtractVectors:
             "vectors": vectors.astype(self.vectors_dtype, copy=False),
             "forward_rows": np.full(n, (self._rows_run - before) / n, dtype=np.float64),
             "model_info": np.full(n, self._info_json, dtype=object),
+            "placement": np.full(n, json.dumps(self.lm.placement), dtype=object),
         }

@@ -37,6 +37,7 @@ class FitStats:
     train_accuracy: float  # top-k vote on the training set
     wall_seconds: float
     extract_seconds: float  # manifest read to materialised vectors (0 with --from-vectors)
+    placements: list[dict[str, Any]]  # one per model actor: {node, pid, gpu_ids, device}
 
     @property
     def examples_per_second(self) -> float:
@@ -83,9 +84,8 @@ def vectors_dataset(
     table: Any, model: ModelConfig, prompt: PromptConfig, vectors_dtype: str
 ) -> Any:
     """Decode images in CPU tasks, then run the model actor pool: one row of vectors per example."""
-    import ray
-
     from sav_ray.extract import ExtractVectors
+    from sav_ray.placement import actor_pool
 
     ds = decoded_dataset(table, model.batch_size)
     return ds.map_batches(
@@ -96,9 +96,7 @@ def vectors_dataset(
             "vectors_dtype": vectors_dtype,
         },
         batch_size=model.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=model.actors),
-        num_gpus=model.gpus_per_actor,
-        num_cpus=model.cpus_per_actor,
+        **actor_pool(model),
     )
 
 
@@ -115,6 +113,7 @@ def _sums_of_block(batch: dict[str, np.ndarray], labels: tuple[str, ...]) -> dic
     if "forward_rows" in batch:  # fresh from the model actors, not read back from Parquet
         out["forward_rows"] = np.array([batch["forward_rows"].sum()])
         out["model_info"] = np.array([json.dumps(sorted(set(batch["model_info"])))])
+        out["placement"] = np.array([json.dumps(sorted(set(batch["placement"])))])
     return out
 
 
@@ -142,10 +141,12 @@ def _partials(ds: Any, fn: Any, **kwargs: Any) -> Iterator[dict[str, np.ndarray]
 
 def first_pass(
     ds: Any, labels: tuple[str, ...]
-) -> tuple[reduce.ClassSums, float, BaseModelInfo | None]:
-    """Class sums, the rows the model ran, and the base model as the actors loaded it."""
+) -> tuple[reduce.ClassSums, float, BaseModelInfo | None, list[dict[str, Any]]]:
+    """Class sums, the rows the model ran, the base model as the actors loaded it, and where
+    each actor ran (sav_ray.placement)."""
     total: reduce.ClassSums | None = None
     infos: set[str] = set()
+    placements: set[str] = set()
     forward_rows = 0.0
     for p in _partials(ds, _sums_of_block, labels=labels):
         part = reduce.ClassSums(labels, p["sums"], p["counts"])
@@ -153,11 +154,12 @@ def first_pass(
         if "model_info" in p:
             forward_rows += float(p["forward_rows"])
             infos.update(json.loads(str(p["model_info"])))
+            placements.update(json.loads(str(p["placement"])))
     assert total is not None, "the vectors dataset is empty"
     if len(infos) > 1:
         raise RuntimeError(f"model actors disagree on the base model: {sorted(infos)}")
     info = BaseModelInfo.from_dict(json.loads(infos.pop())) if infos else None
-    return total, forward_rows, info
+    return total, forward_rows, info, sorted((json.loads(p) for p in placements), key=str)
 
 
 def head_hits(ds: Any, sums: reduce.ClassSums, method: str) -> reduce.HeadHits:
@@ -219,7 +221,7 @@ def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
         init_ray()  # only once the manifest is known to be good
         ds = vectors_dataset(table, cfg, prompt, cfg.vectors_dtype).materialize()
     extract_seconds = 0.0 if cfg.from_vectors else time.perf_counter() - started
-    sums, forward_rows, actors_info = first_pass(ds, labels)
+    sums, forward_rows, actors_info, placements = first_pass(ds, labels)
     info = actors_info or info
     if cfg.save_vectors:  # before selection: a bad --num-heads must not cost the model pass
         meta = {
@@ -252,5 +254,6 @@ def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
         train_accuracy=vote_accuracy(ds, artifact),
         wall_seconds=time.perf_counter() - started,
         extract_seconds=extract_seconds,
+        placements=placements,
     )
     return artifact, stats

@@ -51,6 +51,7 @@ class LoadedModel:
     processor: Any
     layout: HeadLayout
     info: BaseModelInfo
+    placement: dict[str, Any] | None = None  # in an actor: {node, pid, gpu_ids, device}
 
     @property
     def input_device(self) -> torch.device:
@@ -174,11 +175,24 @@ def load_model(
 
 
 def load_actor_model(cfg: ModelConfig, expect: BaseModelInfo | None = None) -> LoadedModel:
-    """Load the model inside a Ray actor: torch threads match the actor's CPU share (so actors
-    do not oversubscribe the node), and, given `expect`, refuse a model it was not fitted on."""
+    """Load the model inside a Ray actor, on the GPU Ray assigned it or on the CPU (a CPU actor
+    never touches a GPU: sav_ray.placement); torch threads match the actor's CPU share (so
+    actors do not oversubscribe the node). Given `expect`, refuse a model it was not fitted on.
+    The placement (node, pid, GPU ids, device) is recorded on the returned model."""
+    from sav_ray.placement import actor_placement
+
+    placement = actor_placement()  # before anything initialises CUDA
     if cfg.cpus_per_actor >= 1:
         torch.set_num_threads(int(cfg.cpus_per_actor))
-    lm = load_model(cfg.model, cfg.revision, dtype=cfg.dtype, device_map=cfg.device_map)
+    on_gpu = placement["device"].startswith("cuda")
+    lm = load_model(
+        cfg.model,
+        cfg.revision,
+        dtype=cfg.dtype,
+        device=placement["device"],
+        device_map=cfg.device_map if on_gpu else None,  # accelerate's map over visible GPUs
+    )
     if expect is not None:
         expect.check_compatible(lm.info)
+    lm.placement = {**placement, "device": str(lm.input_device)}
     return lm

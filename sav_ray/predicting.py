@@ -16,9 +16,10 @@ import numpy as np
 from sav_ray.artifact import SavArtifact
 from sav_ray.config import ModelConfig
 from sav_ray.decode import examples_of, object_column
-from sav_ray.errors import ConfigError
+from sav_ray.errors import ConfigError, report_init_errors
 
 
+@report_init_errors
 class ClassifyRows:
     """Ray Data actor: decoded rows -> `{row, id, true_label, prediction (JSON)}`."""
 
@@ -43,17 +44,14 @@ class ClassifyRows:
 
 def predict_table(table: Any, model: ModelConfig, artifact: SavArtifact) -> list[dict[str, Any]]:
     """Classify every manifest row; returns records in manifest order."""
-    import ray
-
     from sav_ray.fitting import decoded_dataset
+    from sav_ray.placement import actor_pool
 
     ds = decoded_dataset(table, model.batch_size).map_batches(
         ClassifyRows,
         fn_constructor_kwargs={"model": model, "artifact": artifact},
         batch_size=model.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=model.actors),
-        num_gpus=model.gpus_per_actor,
-        num_cpus=model.cpus_per_actor,
+        **actor_pool(model),
     )
     records = []
     for r in ds.take_all():

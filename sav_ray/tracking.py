@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sav_ray.errors import ConfigError, user_message
+from sav_ray.placement import format_placements
 
 if TYPE_CHECKING:
     from sav_ray.artifact import SavArtifact
@@ -234,6 +235,8 @@ def log_fit(
         "sav.revision": artifact.base_model.revision or "",
         "sav.top_heads": " ".join(f"L{layer}H{head}" for layer, head in artifact.heads[:10]),
     }
+    if stats.placements:
+        tags["sav.placement"] = format_placements(stats.placements)
     if vectors:
         tags["sav.vectors"] = str(Path(vectors).resolve()) if "://" not in vectors else vectors
     mlflow.set_tags(tags)

@@ -30,6 +30,7 @@ from fastapi import FastAPI, HTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from sav_ray.placement import AUTO, cluster_nodes, resolve
 from sav_ray.registry import model_version
 from sav_ray.serving import (
     Resolved,
@@ -259,7 +260,22 @@ def application(
     return Ingress.options(**(ingress_options or {})).bind(classifier, config)
 
 
+def classifier_resources(cfg: AppConfig) -> dict[str, Any]:
+    """The Classifier replica's `ray_actor_options`: `gpus_per_replica` (auto: 1 when a node of
+    the cluster has a GPU, else 0) and `cpus_per_replica`."""
+    gpus = cfg.gpus_per_replica
+    if gpus == AUTO:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init()  # joins the cluster (or starts one) as serve.run would
+        gpus = resolve(1, AUTO, 0, cluster_nodes(), reserved_cpus=0)[1]
+    return {"num_cpus": cfg.cpus_per_replica, "num_gpus": gpus}
+
+
 def build_app(args: AppConfig) -> serve.Application:
     """The application builder named in serve/config.yaml (`import_path: serve.app:build_app`);
-    Serve validates `args` against AppConfig."""
-    return application(args if isinstance(args, AppConfig) else AppConfig.model_validate(args))
+    Serve validates `args` against AppConfig. The Classifier's GPUs are set here, from the
+    cluster, so serve/config.yaml must not give it `ray_actor_options` (they would replace these)."""
+    cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
+    return application(cfg, {"ray_actor_options": classifier_resources(cfg)})

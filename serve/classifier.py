@@ -17,6 +17,7 @@ from ray import serve
 
 from sav_ray.artifact import ArtifactError, SavArtifact
 from sav_ray.models import load_model
+from sav_ray.placement import actor_placement
 from sav_ray.prompts import Example
 from sav_ray.registry import is_registry_ref, load_artifact_ref
 from sav_ray.serving import (
@@ -74,9 +75,13 @@ class Classifier:
                 load_artifact_ref, cfg.models[0].ref, None, cfg.tracking_uri
             )
             base, revision = first.base_model.name_or_path, revision or first.base_model.revision
+        # A replica given no GPU must not take the node's first one (Ray leaves them visible).
+        self.placement = actor_placement()
+        device = cfg.device or self.placement["device"]
         self.lm = await asyncio.to_thread(
-            load_model, base, revision, dtype=cfg.dtype, device=cfg.device
+            load_model, base, revision, dtype=cfg.dtype, device=device
         )
+        self.placement["device"] = str(self.lm.input_device)
         self.layers = LayerCounter(self.lm.model)
         self.batch_stats = BatchStats()
         # Capture hooks are put on the shared model per pass: one forward pass at a time.
@@ -165,6 +170,7 @@ class Classifier:
     async def stats(self) -> dict[str, Any]:
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
+            "placement": self.placement,
             "num_layers": len(self.layers.counts),
             "layers_run": list(self.layers.counts),
             **self.batch_stats.to_dict(),

@@ -6,7 +6,7 @@ configured limits (`classify_request_model`), so `/openapi.json` states them (`m
 `maxLength`) and a request over one gets 413.
 """
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
@@ -39,7 +39,13 @@ class AppConfig(BaseModel):
     )
     revision: str | None = None
     dtype: str = "auto"
-    device: str | None = None
+    device: str | None = Field(
+        None, description="default: the replica's GPU when it has one (gpus_per_replica), else cpu"
+    )
+    gpus_per_replica: float | Literal["auto"] = Field(
+        "auto", description="GPUs of each Classifier replica; auto: 1 if the cluster has GPUs"
+    )
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs of each Classifier replica")
     torch_threads: int | None = Field(None, ge=1)
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI or the local store"
@@ -56,6 +62,13 @@ class AppConfig(BaseModel):
         "SAV_SERVE_TOKEN",
         description="environment variable holding the bearer token; unset or empty: no token",
     )
+
+    @field_validator("gpus_per_replica")
+    @classmethod
+    def _gpus_not_negative(cls, gpus: float | str) -> float | str:
+        if gpus != "auto" and gpus < 0:
+            raise ValueError("gpus_per_replica must be auto or at least 0")
+        return gpus
 
     @field_validator("models")
     @classmethod

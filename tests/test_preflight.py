@@ -1,0 +1,157 @@
+"""Preflight: the model and its prompt are checked from config and processor files before Ray
+starts; every problem is one line naming the flag, exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from sav_ray.config import ModelConfig
+from sav_ray.errors import ConfigError
+from sav_ray.manifest import read_manifest
+from sav_ray.models import find_heads, load_model
+from sav_ray.preflight import check_model, load_config, meta_model
+from sav_ray.prompts import PromptConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mllama_config_folder(out: Path) -> Path:
+    """A tiny Mllama config: image-text-to-text, but its cross-attention decoder layers have no
+    self_attn.o_proj, a layout sav-ray refuses. Preflight needs nothing but config.json."""
+    from transformers import MllamaConfig
+
+    text = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "vocab_size": 512,
+        "cross_attention_layers": [1],
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    vision = {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_global_layers": 1,
+        "attention_heads": 2,
+        "intermediate_size": 32,
+        "image_size": 56,
+        "patch_size": 14,
+        "vision_output_dim": 64,
+    }
+    MllamaConfig(text_config=text, vision_config=vision).save_pretrained(out)
+    return out
+
+
+def copy_without(src: Path, out: Path, drop) -> Path:
+    out.mkdir()
+    for f in src.iterdir():
+        if f.name != "model.safetensors" and not drop(f.name):  # no weights: none are read
+            shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bad_models(demo_model_dir, tmp_path_factory):
+    """name -> (model folder, words the error must contain)."""
+    from transformers import BertConfig
+
+    base = tmp_path_factory.mktemp("bad_models")
+    bert = base / "bert"
+    BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    ).save_pretrained(bert)
+    (base / "empty").mkdir()
+    return {
+        "layout": (mllama_config_folder(base / "mllama"), "unsupported model layout"),
+        "not_vlm": (bert, "not an image-text-to-text model"),
+        "no_config": (base / "empty", "no config.json"),
+        "no_folder": (base / "missing", "no such folder"),
+        "no_processor": (
+            copy_without(demo_model_dir, base / "no_processor", lambda n: n != "config.json"),
+            "processor cannot be loaded",
+        ),
+        "no_template": (
+            copy_without(demo_model_dir, base / "no_template", lambda n: "chat_template" in n),
+            "no chat template",
+        ),
+    }
+
+
+def test_geometry_from_the_config_alone_matches_the_loaded_model(demo_model_dir, small_data):
+    meta = meta_model(load_config(str(demo_model_dir), None, "--model"), "--model")
+    layout = find_heads(meta)
+    assert layout.o_projs[0].weight.device.type == "meta"  # built without weights
+    table = read_manifest(small_data["train"])
+    info = check_model(ModelConfig(model=str(demo_model_dir)), PromptConfig(), table)
+    loaded = load_model(str(demo_model_dir)).info
+    for field in ("architecture", "num_layers", "num_heads", "head_dim"):
+        assert getattr(info, field) == getattr(loaded, field)
+
+
+@pytest.mark.parametrize(
+    "case", ["layout", "not_vlm", "no_config", "no_folder", "no_processor", "no_template"]
+)
+def test_each_problem_is_one_line_naming_the_flag_and_model(bad_models, case):
+    import ray
+
+    folder, words = bad_models[case]
+    with pytest.raises(ConfigError) as caught:
+        check_model(ModelConfig(model=str(folder)), PromptConfig())
+    message = str(caught.value)
+    assert message.startswith(f"--model {folder}: ") and words in message
+    assert "\n" not in message
+    assert not ray.is_initialized()
+
+
+def test_a_template_that_fails_on_the_first_row_names_the_row(demo_model_dir, tmp_path):
+    model = copy_without(demo_model_dir, tmp_path / "model", lambda n: n == "chat_template.jinja")
+    (model / "chat_template.jinja").write_text("{{ raise_exception('no system turns here') }}")
+    manifest = tmp_path / "rows.jsonl"
+    manifest.write_text(json.dumps({"image": None, "question": "what shape?", "label": "a"}) + "\n")
+    with pytest.raises(ConfigError, match=r"--model .*: its chat template fails on row 1"):
+        check_model(ModelConfig(model=str(model)), PromptConfig(), read_manifest(manifest))
+
+
+@pytest.mark.parametrize("case", ["layout", "no_processor"])
+def test_the_job_stops_before_ray_starts(bad_models, small_data, tmp_path, case):
+    folder, words = bad_models[case]
+    ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # where Ray would put a session
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "jobs" / "fit.py"),
+                "--model",
+                str(folder),
+                "--train",
+                str(small_data["train"]),
+                "--output",
+                str(tmp_path / "sav"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**env, "RAY_TMPDIR": str(ray_tmp)},
+        )
+        # Ray honours RAY_TMPDIR (test_placement sees a session there when a job starts Ray).
+        assert not (ray_tmp / "ray").exists()
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert 1 <= len(lines) <= 5, proc.stderr
+    assert lines[-1].startswith(f"error: --model {folder}: ") and words in lines[-1]
+    assert "Ray" not in proc.stdout + proc.stderr
