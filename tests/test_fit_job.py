@@ -50,6 +50,12 @@ def test_one_forward_pass_per_training_example(one_actor):
     assert stats.forward_rows == 60  # rows counted by a hook on the first decoder layer
 
 
+def test_auto_placement_on_a_cpu_cluster_is_one_cpu_actor(one_actor):
+    _, stats, _ = one_actor  # the defaults: --actors auto --gpus-per-actor auto
+    [placement] = stats.placements
+    assert placement["gpu_ids"] == [] and placement["device"] == "cpu"
+
+
 def test_two_actors_give_the_same_heads_and_centroids(one_actor, base_cfg):
     artifact, _, _ = one_actor
     two, stats = fit(replace(base_cfg, actors=2, cpus_per_actor=0.5))

@@ -71,22 +71,33 @@ def two_gpu_ray():
     import ray
 
     ray.init(address="local", num_cpus=3, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    # An actor reports its placement with the rows it ran. Ray Data hands a block to the least
+    # busy actor, ties to the same one, so with blocks arriving one at a time from a single
+    # decode task, one actor could run them all: dispatch once both actors are up, decode in
+    # several tasks at once, and give an actor one block at a time.
     context = ray.data.DataContext.get_current()
-    # Dispatch only once both actors are up, so that each gets rows and reports its placement.
-    before, context.wait_for_min_actors_s = context.wait_for_min_actors_s, 300
+    settings = {
+        "wait_for_min_actors_s": 300,
+        "op_resource_reservation_enabled": False,
+        "max_tasks_in_flight_per_actor": 1,
+    }
+    before = {key: getattr(context, key) for key in settings}
+    for key, value in settings.items():
+        setattr(context, key, value)
     yield ray
-    context.wait_for_min_actors_s = before
+    for key, value in before.items():
+        setattr(context, key, value)
     ray.shutdown()
 
 
-def test_auto_starts_one_actor_per_gpu(two_gpu_ray, demo_model_dir, small_data, tmp_path):
+def test_auto_starts_one_actor_per_gpu(two_gpu_ray, demo_model_dir, demo_data, tmp_path):
     import torch
 
     from sav_ray.fitting import fit
 
     cfg = FitConfig(
         model=str(demo_model_dir),
-        train=str(small_data["train"]),
+        train=str(demo_data["train"]),  # 60 rows: 30 blocks to share
         output=str(tmp_path / "sav"),
         batch_size=2,
         cpus_per_actor=0.5,  # a CPU left for the read and decode tasks
@@ -100,6 +111,17 @@ def test_auto_starts_one_actor_per_gpu(two_gpu_ray, demo_model_dir, small_data, 
     if not torch.cuda.is_available():  # declared GPUs without CUDA: warned, ran on the CPU
         assert {p["device"] for p in stats.placements} == {"cpu"}
     assert stats.forward_rows == stats.examples
+
+
+def test_serve_gives_a_classifier_replica_a_gpu_when_the_cluster_has_one(two_gpu_ray):
+    from serve.app import classifier_resources
+    from serve.schemas import AppConfig
+
+    cfg = AppConfig.model_validate({"models": [{"name": "m", "ref": "/a"}]})
+    assert cfg.gpus_per_replica == AUTO
+    assert classifier_resources(cfg) == {"num_cpus": 1.0, "num_gpus": 1.0}
+    given = cfg.model_copy(update={"gpus_per_replica": 0})
+    assert classifier_resources(given)["num_gpus"] == 0
 
 
 def test_an_error_inside_an_actor_is_one_line_with_a_log(
