@@ -27,7 +27,7 @@ from sav_ray.artifact import write_artifact  # noqa: E402
 from sav_ray.config import FitConfig  # noqa: E402
 from sav_ray.errors import ConfigError, job_main  # noqa: E402
 from sav_ray.fitting import fit, init_ray  # noqa: E402
-from sav_ray.manifest import read_manifest  # noqa: E402
+from sav_ray.manifest import check_image_files, read_manifest, validate_for_fit  # noqa: E402
 from sav_ray.placement import format_placements, place  # noqa: E402
 from sav_ray.preflight import check_model  # noqa: E402
 from sav_ray.registry import check_model_name, register_artifact  # noqa: E402
@@ -42,8 +42,12 @@ def main(argv: list[str] | None) -> int:
     if cfg.output and Path(cfg.output).exists() and not cfg.overwrite:
         raise ConfigError(f"--output {cfg.output}: already exists; pass --overwrite to replace it")
     if not cfg.from_vectors:
-        # Before Ray starts: the model's config and processor files only.
-        info = check_model(cfg, cfg.prompt, read_manifest(cfg.train, cfg.manifest_fields))
+        # Before Ray starts: the manifest (as fit() checks it), then the model from its config
+        # and processor files only.
+        table = read_manifest(cfg.train, cfg.manifest_fields)
+        validate_for_fit(table, cfg.selection)
+        check_image_files(table)
+        info = check_model(cfg, cfg.prompt, table)
         print(f"model {info.describe()}")
         init_ray()
         placed = place(cfg)  # a request the cluster cannot meet fails now, not in the run
