@@ -254,9 +254,13 @@ def application(
     classifier_options: dict[str, Any] | None = None,
     ingress_options: dict[str, Any] | None = None,
 ) -> serve.Application:
-    """The bound application; options override each deployment's (replicas, resources, ...)."""
+    """The bound application; options override each deployment's (replicas, resources, ...).
+    The Classifier's resources default to `classifier_resources(cfg)`."""
     config = cfg.model_dump(mode="json")
-    classifier = Classifier.options(**(classifier_options or {})).bind(config)
+    options = dict(classifier_options or {})
+    if "ray_actor_options" not in options:
+        options["ray_actor_options"] = classifier_resources(cfg)
+    classifier = Classifier.options(**options).bind(config)
     return Ingress.options(**(ingress_options or {})).bind(classifier, config)
 
 
@@ -275,7 +279,6 @@ def classifier_resources(cfg: AppConfig) -> dict[str, Any]:
 
 def build_app(args: AppConfig) -> serve.Application:
     """The application builder named in serve/config.yaml (`import_path: serve.app:build_app`);
-    Serve validates `args` against AppConfig. The Classifier's GPUs are set here, from the
-    cluster, so serve/config.yaml must not give it `ray_actor_options` (they would replace these)."""
-    cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
-    return application(cfg, {"ray_actor_options": classifier_resources(cfg)})
+    Serve validates `args` against AppConfig. The Classifier's GPUs are set from the cluster
+    here, so serve/config.yaml must not give it `ray_actor_options` (they would replace them)."""
+    return application(args if isinstance(args, AppConfig) else AppConfig.model_validate(args))
