@@ -64,6 +64,9 @@ class Classifier:
     """One base model, many artifacts (multiplexed), batched forward passes."""
 
     async def __init__(self, config: dict[str, Any]) -> None:
+        # First, before CUDA starts: a replica given no GPU must not take the node's first one
+        # (Ray leaves every GPU visible to it).
+        self.placement = actor_placement()
         cfg = AppConfig.model_validate(config)
         self.cfg = cfg
         use_registry(cfg)
@@ -75,8 +78,6 @@ class Classifier:
                 load_artifact_ref, cfg.models[0].ref, None, cfg.tracking_uri
             )
             base, revision = first.base_model.name_or_path, revision or first.base_model.revision
-        # A replica given no GPU must not take the node's first one (Ray leaves them visible).
-        self.placement = actor_placement()
         device = cfg.device or self.placement["device"]
         self.lm = await asyncio.to_thread(
             load_model, base, revision, dtype=cfg.dtype, device=device
