@@ -19,6 +19,7 @@ it from its first call instead, so its message reaches the driver.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import sys
@@ -118,6 +119,33 @@ def job_main(body: Callable[[list[str] | None], int]) -> Callable[[list[str] | N
             return 2
 
     return main
+
+
+class _WithoutTraceback(logging.Formatter):
+    """Formats a record as `inner` does, leaving out its traceback."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+
+
+def quiet_ray_data_tracebacks() -> None:
+    """Ray Data logs a failed task's traceback on the console before it raises the error; in a
+    job that prints the error as one line (its traceback in the job's log file), keep that
+    traceback off the console. Ray Data's own log file (ray-data.log) still has it."""
+    for handler in logging.getLogger("ray.data").handlers:
+        console = isinstance(handler, logging.StreamHandler)
+        if console and not isinstance(handler, logging.FileHandler):
+            if not isinstance(handler.formatter, _WithoutTraceback):
+                handler.setFormatter(_WithoutTraceback(handler.formatter))
 
 
 Actor = TypeVar("Actor", bound=type)

@@ -23,7 +23,7 @@ import numpy as np
 from sav_ray import reduce
 from sav_ray.artifact import BaseModelInfo, SavArtifact, Selection
 from sav_ray.config import FitConfig, ModelConfig
-from sav_ray.errors import ConfigError
+from sav_ray.errors import ConfigError, quiet_ray_data_tracebacks
 from sav_ray.manifest import check_image_files, read_manifest, validate_for_fit
 from sav_ray.prompts import PromptConfig
 
@@ -57,6 +57,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     # Keep the core's own exception (e.g. "row 31: ...") instead of a generic UserCodeException,
     # so jobs can print the user's mistake rather than a remote traceback.
     ray.data.DataContext.get_current().raise_original_map_exception = True
+    quiet_ray_data_tracebacks()  # job_main prints one line and logs the traceback
 
 
 def manifest_dataset(table: Any, block_rows: int) -> Any:
