@@ -78,12 +78,12 @@ def preprocessed_dataset(
     table: Any, model: ModelConfig, prompt: PromptConfig, preprocessing: Preprocessing
 ) -> Any:
     """The manifest's rows as ready model inputs (column `inputs`), made in CPU tasks."""
-    from sav_ray.preprocess import PreprocessRows
+    from sav_ray.preprocess import preprocess_rows
 
     ds = manifest_dataset(table, model.batch_size)
     return ds.map_batches(
-        PreprocessRows,
-        fn_constructor_kwargs={
+        preprocess_rows,
+        fn_kwargs={
             "model": model.model,
             "revision": model.revision,
             "prompt": prompt.to_dict(),

@@ -1,8 +1,9 @@
 """Stage: manifest rows -> ready model inputs, in Ray Data CPU tasks ahead of the model actors.
 
-`PreprocessRows` loads the processor once per worker (processor files only, never weights) and
-turns each row of the normalised manifest (`row`, `id`, `images`, `text`, `label`) into its
-model inputs: its images read and decoded (`sav_ray.images.load_image`, the one loader), the
+`preprocess_rows` runs as Ray Data tasks: plain tasks, not an actor pool, so Ray Data scales
+them with the free CPUs and reuses its warm worker processes, each of which loads the processor
+once (`model_processor` is cached per process; processor files only, never weights). It turns
+each row of the normalised manifest (`row`, `id`, `images`, `text`, `label`) into its model inputs: its images read and decoded (`sav_ray.images.load_image`, the one loader), the
 prompt rendered, tokens and pixels made by the processor with the preprocessing config's
 resolution, ONE row at a time (no padding: `sav_ray.model_inputs.encode_row`). The model actor
 then only collates (pads), moves to its device, runs the forward pass and captures.
@@ -18,6 +19,7 @@ A missing or unreadable image stops the job with a message naming the row and fi
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +42,10 @@ def object_column(values: list) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=4)
 def model_processor(model: str, revision: str | None) -> Any:
-    """The processor of a model (hub id + revision, or local folder): processor files only."""
+    """The processor of a model (hub id + revision, or local folder): processor files only.
+    Cached, so a worker process loads it once however many batches it preprocesses."""
     from sav_ray.processors import load_processor
 
     return load_processor(model, None if Path(model).is_dir() else revision)
@@ -55,34 +59,27 @@ def preprocessing_applied(model: str, revision: str | None, prep: Preprocessing)
     return plan.applied
 
 
-class PreprocessRows:
-    """Ray Data stage: `map_batches(PreprocessRows, fn_constructor_kwargs=...)`; manifest
-    columns in, the same columns with `images` and `text` replaced by `inputs` out."""
-
-    def __init__(
-        self,
-        model: str,
-        revision: str | None,
-        prompt: dict[str, Any],
-        preprocessing: dict[str, Any],
-    ) -> None:
-        self.processor = model_processor(model, revision)
-        self.prompt = PromptConfig.from_dict(prompt)
-        self.preprocessing = Preprocessing.from_dict(preprocessing)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        blobs = []
-        for row, paths, text in zip(batch["row"], batch["images"], batch["text"], strict=True):
-            try:
-                images = [load_image(p) for p in paths]
-            except ImageError as e:
-                raise ManifestError(f"row {row}: {e}") from None
-            example = Example(text=str(text), images=images, where=f"row {row}")
-            blobs.append(
-                row_to_bytes(encode_row(self.processor, example, self.prompt, self.preprocessing))
-            )
-        kept = {k: v for k, v in batch.items() if k not in ("images", "text")}
-        return {**kept, INPUTS: object_column(blobs)}
+def preprocess_rows(
+    batch: dict[str, np.ndarray],
+    model: str,
+    revision: str | None,
+    prompt: dict[str, Any],
+    preprocessing: dict[str, Any],
+) -> dict[str, np.ndarray]:
+    """Ray Data stage (`map_batches(preprocess_rows, fn_kwargs=...)`): manifest columns in, the
+    same columns with `images` and `text` replaced by `inputs` out."""
+    processor = model_processor(model, revision)
+    config, prep = PromptConfig.from_dict(prompt), Preprocessing.from_dict(preprocessing)
+    blobs = []
+    for row, paths, text in zip(batch["row"], batch["images"], batch["text"], strict=True):
+        try:
+            images = [load_image(p) for p in paths]
+        except ImageError as e:
+            raise ManifestError(f"row {row}: {e}") from None
+        example = Example(text=str(text), images=images, where=f"row {row}")
+        blobs.append(row_to_bytes(encode_row(processor, example, config, prep)))
+    kept = {k: v for k, v in batch.items() if k not in ("images", "text")}
+    return {**kept, INPUTS: object_column(blobs)}
 
 
 def rows_of(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:

@@ -16,7 +16,13 @@ from PIL import Image
 from sav_ray import reduce
 from sav_ray.artifact import load_artifact, write_artifact
 from sav_ray.capture import capture_examples, capture_rows
-from sav_ray.classify import head_vectors, needed_layers, predict_examples, predictions
+from sav_ray.classify import (
+    head_vectors,
+    needed_layers,
+    predict_examples,
+    predict_rows,
+    predictions,
+)
 from sav_ray.config import FitConfig, ModelConfig
 from sav_ray.model_inputs import TRAINING_ONLY, collate, encode_row, forward_inputs
 from sav_ray.prompts import Example, PromptConfig, encode
@@ -139,7 +145,6 @@ def test_fit_records_max_image_pixels_and_predict_reuses_it(
     local_ray, tiny_model_dir, tiny_model, manifest, manifest_examples, tmp_path
 ):
     from sav_ray.fitting import fit, preprocessed_dataset
-    from sav_ray.predicting import predict_table
     from sav_ray.preprocess import rows_of
 
     folder = str(tiny_model_dir("qwen2_vl"))
@@ -151,6 +156,7 @@ def test_fit_records_max_image_pixels_and_predict_reuses_it(
         batch_size=len(ROWS),
         num_heads=4,
         max_image_pixels=LIMIT,
+        save_vectors=str(tmp_path / "vectors"),
     ).validate()
     fitted, _ = fit(cfg)
     write_artifact(fitted, tmp_path / "sav")
@@ -158,6 +164,10 @@ def test_fit_records_max_image_pixels_and_predict_reuses_it(
     prep = Preprocessing(max_image_pixels=LIMIT)
     assert artifact.preprocessing == prep
     assert artifact.preprocessing_applied["settings"]["size"]["longest_edge"] == LIMIT
+    # a refit from the saved vectors keeps the resolution they were taken at
+    refit, _ = fit(FitConfig(from_vectors=cfg.save_vectors, output=cfg.output, num_heads=4))
+    assert refit.preprocessing == prep
+    assert refit.preprocessing_applied == artifact.preprocessing_applied
 
     # the fit's centroids are those of a direct capture at that resolution, not the default
     examples, labels = manifest_examples(manifest)
@@ -176,15 +186,11 @@ def test_fit_records_max_image_pixels_and_predict_reuses_it(
     rows = rows_of({"inputs": [r["inputs"] for r in batch]})
     np.testing.assert_allclose(capture_rows(lm, rows).vectors, limited, atol=1e-5, rtol=0)
 
-    # and predict / the in-process path (MLflow model, server) answer from those vectors
+    # the actors' (and the MLflow model's and server's) votes come from those vectors
     layers = needed_layers(artifact)
-    expected = [
-        p.to_dict()
-        for p in predictions(artifact, head_vectors(limited[:, layers], layers, artifact))
-    ]
-    records = predict_table(_table(manifest), model, artifact)
-    assert [{k: r[k] for k in ("label", "votes", "scores")} for r in records] == expected
-    assert [p.to_dict() for p in predict_examples(lm, artifact, examples)] == expected
+    votes = predictions(artifact, head_vectors(limited[:, layers], layers, artifact))
+    assert predict_rows(lm, artifact, rows) == votes
+    assert predict_examples(lm, artifact, examples) == votes
 
 
 def test_version_1_artifact_predicts_at_the_processors_default(

@@ -112,7 +112,7 @@ def server(local_ray, demo_model_dir, demo_data, manifest_examples, tmp_path_fac
     from sav_ray.manifest import ManifestFields, read_manifest
     from sav_ray.models import load_model
     from sav_ray.predicting import ClassifyRows
-    from sav_ray.preprocess import PreprocessRows, object_column
+    from sav_ray.preprocess import object_column, preprocess_rows
     from sav_ray.prompts import PromptConfig
     from sav_ray.registry import promote, register_artifact
     from sav_ray.tracking import run, use_store
@@ -148,9 +148,9 @@ def server(local_ray, demo_model_dir, demo_data, manifest_examples, tmp_path_fac
             promote(REGISTERED, "candidate", "production", uri=uri)
 
     # What jobs/predict.py answers: its actor's code on the same rows, in this process.
-    preprocess = PreprocessRows(str(demo_model_dir), None, PromptConfig().to_dict(), {})
     table = read_manifest(demo_data["test"], fields)
-    test = preprocess({k: object_column(v) for k, v in table.to_pydict().items()})
+    columns = {k: object_column(v) for k, v in table.to_pydict().items()}
+    test = preprocess_rows(columns, str(demo_model_dir), None, PromptConfig().to_dict(), {})
     expected = {}
     for name in ("shapes", "circles"):
         rows = ClassifyRows(ModelConfig(model=str(demo_model_dir)), artifacts[name])(test)
