@@ -61,10 +61,6 @@ def row_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     return safetensors.torch.load(bytes(data))
 
 
-def _is_sequence(name: str, tensor: torch.Tensor, input_ids: torch.Tensor) -> bool:
-    return name == "input_ids" or tensor.shape == input_ids.shape
-
-
 def collate(rows: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """N rows of `encode_row` -> the batch the processor gives for them with left padding."""
     if not rows:
@@ -74,7 +70,8 @@ def collate(rows: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str,
     batch: dict[str, torch.Tensor] = {}
     for name in names:
         present = [r[name] for r in rows if name in r]
-        if all(_is_sequence(name, r[name], r["input_ids"]) for r in rows if name in r):
+        # a token sequence has each row's input_ids shape, [1, seq]
+        if all(r[name].shape == r["input_ids"].shape for r in rows if name in r):
             if len(present) != len(rows):
                 raise ValueError(f"collate: {name!r} is a token sequence but some rows lack it")
             value = pad_token_id if name == "input_ids" else 0
