@@ -1,12 +1,14 @@
 """The SAV artifact: the one writer and the one loader (DESIGN.md, "Artifact directory").
 
 An artifact is a directory holding
-    sav.json                  labels, heads, base model, prompt, selection, SHA-256 of each tensor file
+    sav.json                  labels, heads, base model, prompt, preprocessing, selection,
+                              SHA-256 of each tensor file
     centroids.safetensors     tensor `centroids`, float32 [C, k, D] (labels order, heads order)
     head_scores.safetensors   optional, tensor `head_scores` [L, H]
 `sav.json` is validated against `artifacts_schema/sav.schema.json`; checks that span fields
 (shapes against labels, heads within the model's geometry) are made here. No pickle anywhere:
-tensors go through safetensors, the rest through JSON.
+tensors go through safetensors, the rest through JSON. Schema version 2 added `preprocessing`
+(image resolution limits); a version-1 artifact loads with the processor's defaults.
 
     art = write_artifact(SavArtifact(...), "out/my_sav")     # atomic: all files or nothing
     art = load_artifact("out/my_sav", expect=model_info)     # verifies schema, hashes, geometry
@@ -32,9 +34,10 @@ import safetensors.numpy
 
 from sav_ray import __version__
 from sav_ray.prompts import PromptConfig
+from sav_ray.resolution import Preprocessing, nothing_applied
 
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
 ARTIFACT_FILE = "sav.json"
 CENTROIDS_FILE = "centroids.safetensors"
 HEAD_SCORES_FILE = "head_scores.safetensors"
@@ -142,6 +145,9 @@ class SavArtifact:
     prompt: PromptConfig
     selection: Selection
     head_scores: np.ndarray | None = None  # [L, H] float32/float64
+    preprocessing: Preprocessing = Preprocessing()  # image resolution limits; reused at inference
+    # What the fit's processor made of `preprocessing` (resolution_plan(...).applied): a record.
+    preprocessing_applied: dict[str, Any] = field(default_factory=nothing_applied)
     created_at: str = ""  # ISO-8601 UTC; set by the writer if empty
     package_version: str = ""  # set by the writer if empty
     schema_version: int = SCHEMA_VERSION
@@ -220,6 +226,10 @@ def write_artifact(
             "heads": heads.tolist(),
             "base_model": artifact.base_model.to_dict(),
             "prompt": artifact.prompt.to_dict(),
+            "preprocessing": {
+                **artifact.preprocessing.to_dict(),
+                "applied": artifact.preprocessing_applied,
+            },
             "selection": artifact.selection.to_dict(),
             "files": files,
             "created_at": artifact.created_at
@@ -327,6 +337,10 @@ def load_artifact(path: str | Path, expect: BaseModelInfo | None = None) -> SavA
         prompt=PromptConfig.from_dict(doc["prompt"]),
         selection=Selection.from_dict(doc["selection"]),
         head_scores=arrays.get(HEAD_SCORES_FILE),
+        preprocessing=Preprocessing.from_dict(doc.get("preprocessing")),
+        preprocessing_applied=doc["preprocessing"]["applied"]
+        if "preprocessing" in doc
+        else nothing_applied(),
         created_at=doc["created_at"],
         package_version=doc["package_version"],
         schema_version=int(version),

@@ -13,14 +13,18 @@ needed layer raises after storing its vectors, so later layers (and the LM head)
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from sav_ray.model_inputs import collate, encode_row, forward_inputs
 from sav_ray.models import HeadLayout, LoadedModel
-from sav_ray.prompts import Example, PromptConfig, encode
+from sav_ray.prompts import Example, PromptConfig
+from sav_ray.resolution import NO_LIMITS, Preprocessing
 
 
 class _StopForward(Exception):
@@ -53,6 +57,7 @@ class HeadCapture:
         self.early_exit = early_exit
         self._captured: dict[int, torch.Tensor] = {}  # layer -> [batch, head, head_dim]
         self._handles: list[Any] = []
+        self.forward_seconds = 0.0  # wall time of `run`, queued GPU work included
 
     def __enter__(self) -> HeadCapture:
         deepest = self.layers[-1]
@@ -82,11 +87,16 @@ class HeadCapture:
 
     def run(self, model: torch.nn.Module, inputs: dict[str, Any]) -> None:
         """One forward pass; only the last position's logits are computed when it runs to the end."""
+        device = self.positions.device
+        started = time.perf_counter()
         with torch.inference_mode():
             try:
                 model(**inputs, use_cache=False, logits_to_keep=1)
             except _StopForward:
                 pass
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.forward_seconds = time.perf_counter() - started
         missing = [i for i in self.layers if i not in self._captured]
         assert not missing, f"layers {missing} were not reached by the forward pass"
 
@@ -98,6 +108,25 @@ class HeadCapture:
         )  # [batch, layer, head, head_dim]
 
 
+@dataclass
+class Captured:
+    vectors: np.ndarray  # [batch, layer, head, head_dim] float32
+    forward_seconds: float  # time in the model's forward pass
+
+
+def _capture(
+    lm: LoadedModel, inputs: dict[str, Any], layers: Sequence[int] | None, early_exit: bool
+) -> tuple[torch.Tensor, float]:
+    inputs = {
+        k: v.to(lm.input_device) if hasattr(v, "to") else v
+        for k, v in forward_inputs(lm.model, inputs).items()
+    }
+    positions = last_token_positions(inputs["attention_mask"])  # [batch]
+    with HeadCapture(lm.layout, positions, layers=layers, early_exit=early_exit) as cap:
+        cap.run(lm.model, inputs)
+    return cap.vectors, cap.forward_seconds
+
+
 def capture_inputs(
     lm: LoadedModel,
     inputs: dict[str, Any],
@@ -105,11 +134,19 @@ def capture_inputs(
     early_exit: bool = False,
 ) -> torch.Tensor:
     """Vectors of a tokenised batch: [batch, layer, head, head_dim] float32 on the CPU."""
-    inputs = {k: v.to(lm.input_device) if hasattr(v, "to") else v for k, v in inputs.items()}
-    positions = last_token_positions(inputs["attention_mask"])  # [batch]
-    with HeadCapture(lm.layout, positions, layers=layers, early_exit=early_exit) as cap:
-        cap.run(lm.model, inputs)
-    return cap.vectors
+    return _capture(lm, inputs, layers, early_exit)[0]
+
+
+def capture_rows(
+    lm: LoadedModel,
+    rows: list[dict[str, torch.Tensor]],
+    layers: Sequence[int] | None = None,
+    early_exit: bool = False,
+) -> Captured:
+    """One batched forward pass over rows of `encode_row`: collate, move, run, capture."""
+    inputs = collate(rows, lm.processor.tokenizer.pad_token_id)
+    vectors, seconds = _capture(lm, inputs, layers, early_exit)
+    return Captured(vectors.numpy(), seconds)
 
 
 def capture_examples(
@@ -118,7 +155,9 @@ def capture_examples(
     prompt: PromptConfig,
     layers: Sequence[int] | None = None,
     early_exit: bool = False,
+    preprocessing: Preprocessing = NO_LIMITS,
 ) -> np.ndarray:
-    """One batched forward pass: [batch, layer, head, head_dim] float32."""
-    inputs = encode(lm.processor, examples, prompt)
-    return capture_inputs(lm, dict(inputs), layers, early_exit).numpy()
+    """One batched forward pass: [batch, layer, head, head_dim] float32. The same per-row
+    processing and collate as the Ray jobs, in this process."""
+    rows = [encode_row(lm.processor, ex, prompt, preprocessing) for ex in examples]
+    return capture_rows(lm, rows, layers, early_exit).vectors

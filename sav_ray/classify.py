@@ -1,8 +1,10 @@
 """Classify inputs with a SAV artifact: capture only the selected heads' layers, stop the
 forward pass after the deepest one, and let each selected head vote (DESIGN.md).
 
-Used by `jobs/predict.py` (Ray Data), the MLflow pyfunc wrapper and the Serve deployment, so
-all three give the same labels and scores.
+Used by `jobs/predict.py` (Ray Data: `predict_rows` on rows preprocessed in CPU tasks), the
+MLflow pyfunc wrapper and the Serve deployment (`predict_examples`: the same per-row processing
+and collate, in-process), so all three give the same labels and scores. Inputs are processed
+with the artifact's prompt and preprocessing (image resolution) config.
 
     preds = predict_examples(lm, artifact, [Example(text="What is it?", images=[img])])
     preds[0].label, preds[0].votes, preds[0].scores
@@ -13,10 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from sav_ray import reduce
 from sav_ray.artifact import SavArtifact
-from sav_ray.capture import capture_examples
+from sav_ray.capture import capture_rows
+from sav_ray.model_inputs import encode_row
 from sav_ray.models import LoadedModel
 from sav_ray.prompts import Example
 
@@ -57,10 +61,20 @@ def predictions(artifact: SavArtifact, vectors_k: np.ndarray) -> list[Prediction
     ]
 
 
+def predict_rows(
+    lm: LoadedModel, artifact: SavArtifact, rows: list[dict[str, torch.Tensor]]
+) -> list[Prediction]:
+    """One forward pass over rows of `encode_row`, stopped after the deepest selected layer."""
+    layers = needed_layers(artifact)
+    vectors = capture_rows(lm, rows, layers=layers, early_exit=True).vectors
+    return predictions(artifact, head_vectors(vectors, layers, artifact))
+
+
 def predict_examples(
     lm: LoadedModel, artifact: SavArtifact, examples: list[Example]
 ) -> list[Prediction]:
     """One forward pass per example, stopped after the deepest selected layer."""
-    layers = needed_layers(artifact)
-    vectors = capture_examples(lm, examples, artifact.prompt, layers=layers, early_exit=True)
-    return predictions(artifact, head_vectors(vectors, layers, artifact))
+    rows = [
+        encode_row(lm.processor, ex, artifact.prompt, artifact.preprocessing) for ex in examples
+    ]
+    return predict_rows(lm, artifact, rows)

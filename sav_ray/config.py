@@ -15,6 +15,7 @@ from sav_ray.manifest import ManifestFields
 from sav_ray.placement import AUTO
 from sav_ray.prompts import PromptConfig
 from sav_ray.reduce import SELECTION_METHODS
+from sav_ray.resolution import Preprocessing
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class FitConfig(ModelConfig):
     id_field: str | None = None
     text_template: str = "{text}"
     system_prompt: str | None = None
+    min_image_pixels: int | None = None
+    max_image_pixels: int | None = None
     overwrite: bool = False
     register: str | None = None
     experiment: str = "sav-ray"
@@ -67,6 +70,12 @@ class FitConfig(ModelConfig):
     @property
     def prompt(self) -> PromptConfig:
         return PromptConfig(text_template=self.text_template, system_prompt=self.system_prompt)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(
+            min_image_pixels=self.min_image_pixels, max_image_pixels=self.max_image_pixels
+        )
 
     def validate(self) -> FitConfig:
         if not self.from_vectors and not (self.model and self.train):
@@ -90,6 +99,12 @@ class FitConfig(ModelConfig):
         if self.from_vectors and not Path(self.from_vectors).is_dir():
             raise ConfigError(f"--from-vectors {self.from_vectors}: no such directory")
         _ = self.prompt  # PromptConfig checks the template
+        _ = self.preprocessing  # and Preprocessing the image pixel limits
+        if self.from_vectors and (self.min_image_pixels or self.max_image_pixels):
+            raise ConfigError(
+                "--min-image-pixels/--max-image-pixels do not apply with --from-vectors: the "
+                "vectors were taken at the resolution their sidecar records; drop the flags"
+            )
         return self
 
     def to_params(self) -> dict[str, Any]:
@@ -138,6 +153,23 @@ class FitConfig(ModelConfig):
             "--text-template", default="{text}", help="prompt text; {text} is the row's text"
         )
         p.add_argument("--system-prompt", default=None)
+        p.add_argument(
+            "--min-image-pixels",
+            type=int,
+            default=None,
+            metavar="N",
+            help="fewest pixels per image where the processor resizes to a pixel budget "
+            "(Qwen2-VL, Qwen2.5-VL); default: the processor's",
+        )
+        p.add_argument(
+            "--max-image-pixels",
+            type=int,
+            default=None,
+            metavar="N",
+            help="most pixels per image: Qwen2-VL/Qwen2.5-VL resize to it, LLaVA-OneVision "
+            "downscales larger images before tiling; fixed-size processors ignore it (a warning "
+            "says so). Recorded in the artifact and reused at inference; default: the processor's",
+        )
         p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
         p.add_argument(
             "--register",

@@ -33,10 +33,10 @@ import numpy as np
 from sav_ray import reduce
 from sav_ray.artifact import BaseModelInfo, SavArtifact
 from sav_ray.config import ModelConfig
-from sav_ray.decode import examples_of
 from sav_ray.errors import report_init_errors
 from sav_ray.manifest import ManifestError
-from sav_ray.prompts import Example, PromptConfig, encode
+from sav_ray.preprocess import rows_of
+from sav_ray.resolution import Preprocessing
 
 METHODS = ("sav", "all_heads", "zero_shot")
 NO_LABEL = -1  # a zero-shot answer naming no label
@@ -148,26 +148,20 @@ def all_heads_votes(vectors: np.ndarray, centroids: np.ndarray) -> reduce.Votes:
     return reduce.classify(flat, centroids.reshape(len(centroids), -1, head_dim))
 
 
-def generate_answers(
-    lm: Any, examples: list[Example], prompt: PromptConfig, max_new_tokens: int
-) -> list[str]:
-    """The base model's greedy answers to the examples' prompts (new tokens only, decoded)."""
+def generate_answers(lm: Any, inputs: dict[str, Any], max_new_tokens: int) -> list[str]:
+    """The base model's greedy answers (new tokens only, decoded) to a left-padded batch
+    (`sav_ray.model_inputs.collate`): generation continues every row from the last column."""
     import torch
 
-    tokenizer = lm.processor.tokenizer
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues every row from the last column
-    try:
-        inputs = encode(lm.processor, examples, prompt)
-    finally:
-        tokenizer.padding_side = side
-    inputs = {k: v.to(lm.input_device) if hasattr(v, "to") else v for k, v in inputs.items()}
+    from sav_ray.model_inputs import forward_inputs
+
+    inputs = {k: v.to(lm.input_device) for k, v in forward_inputs(lm.model, inputs).items()}
     with torch.inference_mode():
         out = lm.model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=lm.processor.tokenizer.pad_token_id,
         )  # [batch, prompt + new]
     new = out[:, inputs["input_ids"].shape[1] :]  # [batch, new]
     return lm.processor.batch_decode(new, skip_special_tokens=True)
@@ -175,9 +169,10 @@ def generate_answers(
 
 @report_init_errors
 class EvaluateRows:
-    """Ray Data actor: decoded rows -> the three methods' predictions for each row.
+    """Ray Data actor: preprocessed rows -> the three methods' predictions for each row.
 
-    One capture of every head (shared by `sav` and `all_heads`) and one generation per batch.
+    One capture of every head (shared by `sav` and `all_heads`) and one generation per batch,
+    both from the same collated inputs (the artifact's prompt and resolution).
     """
 
     def __init__(
@@ -195,14 +190,16 @@ class EvaluateRows:
         self.max_new_tokens = max_new_tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from sav_ray.capture import capture_examples
+        from sav_ray.capture import capture_rows
+        from sav_ray.model_inputs import collate
 
-        examples = examples_of(batch)
+        rows = rows_of(batch)
         art = self.artifact
-        vectors = capture_examples(self.lm, examples, art.prompt)  # [batch, layer, head, head_dim]
+        vectors = capture_rows(self.lm, rows).vectors  # [batch, layer, head, head_dim]
         sav = reduce.classify(reduce.gather_heads(vectors, art.heads), art.centroids)
         every = all_heads_votes(vectors, self.centroids)
-        answers = generate_answers(self.lm, examples, art.prompt, self.max_new_tokens)
+        inputs = collate(rows, self.lm.processor.tokenizer.pad_token_id)
+        answers = generate_answers(self.lm, inputs, self.max_new_tokens)
         return {
             "row": batch["row"],
             "id": batch["id"],
@@ -249,9 +246,18 @@ def all_heads_centroids(
                 f"SAV's {list(labels)}; give the vectors its fit used"
             )
         artifact.base_model.check_compatible(BaseModelInfo.from_dict(meta["base_model"]))
+        taken_at = Preprocessing.from_dict(meta.get("preprocessing"))
+        if taken_at != artifact.preprocessing:
+            raise ManifestError(
+                f"--train-vectors {vectors_dir}: taken at image resolution {taken_at.to_dict()}, "
+                f"but the SAV was fitted at {artifact.preprocessing.to_dict()}; give the vectors "
+                "its fit used"
+            )
     else:
         check_labels(train_table, artifact.labels, "--train")
-        ds = fitting.vectors_dataset(train_table, model, artifact.prompt, "float32")
+        ds = fitting.vectors_dataset(
+            train_table, model, artifact.prompt, "float32", artifact.preprocessing
+        )
     sums, _, info, _ = fitting.first_pass(ds, labels)
     if info is not None:
         artifact.base_model.check_compatible(info)
@@ -266,10 +272,10 @@ def evaluate_table(
     max_new_tokens: int = 8,
 ) -> list[dict[str, Any]]:
     """Every row's predictions by the three methods, in manifest order."""
-    from sav_ray.fitting import decoded_dataset
+    from sav_ray.fitting import preprocessed_dataset
     from sav_ray.placement import actor_pool
 
-    ds = decoded_dataset(table, model.batch_size).map_batches(
+    ds = preprocessed_dataset(table, model, artifact.prompt, artifact.preprocessing).map_batches(
         EvaluateRows,
         fn_constructor_kwargs={
             "model": model,

@@ -1,4 +1,5 @@
-"""The fit on Ray Data: manifest -> decoded rows -> model actors -> vectors -> reducer -> artifact.
+"""The fit on Ray Data: manifest -> model inputs (CPU tasks) -> model actors -> vectors ->
+reducer -> artifact.
 
 The model runs once per example. Everything after it is passes over the (materialised or
 saved) vectors dataset that keep only fixed-size state: per-class sums and counts, then
@@ -25,9 +26,11 @@ from sav_ray.artifact import BaseModelInfo, SavArtifact, Selection
 from sav_ray.config import FitConfig, ModelConfig
 from sav_ray.errors import ConfigError, quiet_ray_data_tracebacks
 from sav_ray.manifest import check_image_files, read_manifest, validate_for_fit
+from sav_ray.preprocess import preprocessing_applied
 from sav_ray.prompts import PromptConfig
+from sav_ray.resolution import NO_LIMITS, Preprocessing, nothing_applied
 
-VECTORS_META = "sav_vectors.json"  # sidecar of a vectors dataset: model, prompt, labels
+VECTORS_META = "sav_vectors.json"  # sidecar: model, prompt, preprocessing, labels
 
 
 @dataclass
@@ -68,32 +71,47 @@ def manifest_dataset(table: Any, block_rows: int) -> Any:
     return ray.data.from_arrow([table.slice(i, block_rows) for i in range(0, n, block_rows)])
 
 
-# Decoding asks for a different CPU share than the model actors so Ray Data keeps it in its
-# own tasks instead of fusing it into the actors, where it would stall the model.
-DECODE_CPUS = 0.5
+# Preprocessing asks for a different CPU share than the model actors so Ray Data keeps it in
+# its own tasks instead of fusing it into the actors, where it would stall the model.
+PREPROCESS_CPUS = 0.5
 
 
-def decoded_dataset(table: Any, block_rows: int) -> Any:
-    """The manifest's rows with their images decoded (`pixels`), in CPU tasks."""
-    from sav_ray.decode import decode_images
+def preprocessed_dataset(
+    table: Any, model: ModelConfig, prompt: PromptConfig, preprocessing: Preprocessing
+) -> Any:
+    """The manifest's rows as ready model inputs (column `inputs`), made in CPU tasks."""
+    from sav_ray.preprocess import preprocess_rows
 
-    ds = manifest_dataset(table, block_rows)
-    return ds.map_batches(decode_images, batch_size=block_rows, num_cpus=DECODE_CPUS)
+    ds = manifest_dataset(table, model.batch_size)
+    return ds.map_batches(
+        preprocess_rows,
+        fn_kwargs={
+            "model": model.model,
+            "revision": model.revision,
+            "prompt": prompt.to_dict(),
+            "preprocessing": preprocessing.to_dict(),
+        },
+        batch_size=model.batch_size,
+        num_cpus=PREPROCESS_CPUS,
+    )
 
 
 def vectors_dataset(
-    table: Any, model: ModelConfig, prompt: PromptConfig, vectors_dtype: str
+    table: Any,
+    model: ModelConfig,
+    prompt: PromptConfig,
+    vectors_dtype: str,
+    preprocessing: Preprocessing = NO_LIMITS,
 ) -> Any:
-    """Decode images in CPU tasks, then run the model actor pool: one row of vectors per example."""
+    """Preprocess rows in CPU tasks, then run the model actor pool: one row of vectors per example."""
     from sav_ray.extract import ExtractVectors
     from sav_ray.placement import actor_pool
 
-    ds = decoded_dataset(table, model.batch_size)
+    ds = preprocessed_dataset(table, model, prompt, preprocessing)
     return ds.map_batches(
         ExtractVectors,
         fn_constructor_kwargs={
             "model": model,
-            "prompt": prompt.to_dict(),
             "vectors_dtype": vectors_dtype,
         },
         batch_size=model.batch_size,
@@ -211,6 +229,10 @@ def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
         init_ray()
         ds, meta = read_vectors(cfg.from_vectors)
         labels, prompt = tuple(meta["labels"]), PromptConfig.from_dict(meta["prompt"])
+        # Sidecars written before resolution limits existed have none: processor defaults.
+        recorded = meta.get("preprocessing") or {}
+        prep = Preprocessing.from_dict(recorded)
+        applied = recorded.get("applied") or nothing_applied()
         info = BaseModelInfo.from_dict(meta["base_model"])
         ds = ds.materialize()
     else:
@@ -218,9 +240,10 @@ def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
         table = read_manifest(cfg.train, cfg.manifest_fields)
         labels = validate_for_fit(table, cfg.selection)
         check_image_files(table)
-        prompt = cfg.prompt
+        prompt, prep = cfg.prompt, cfg.preprocessing
+        applied = preprocessing_applied(cfg.model, cfg.revision, prep)
         init_ray()  # only once the manifest is known to be good
-        ds = vectors_dataset(table, cfg, prompt, cfg.vectors_dtype).materialize()
+        ds = vectors_dataset(table, cfg, prompt, cfg.vectors_dtype, prep).materialize()
     extract_seconds = 0.0 if cfg.from_vectors else time.perf_counter() - started
     sums, forward_rows, actors_info, placements = first_pass(ds, labels)
     info = actors_info or info
@@ -229,6 +252,7 @@ def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
             "labels": list(labels),
             "base_model": info.to_dict(),
             "prompt": prompt.to_dict(),
+            "preprocessing": {**prep.to_dict(), "applied": applied},
             "vectors_dtype": cfg.vectors_dtype,
         }
         write_vectors(ds, cfg.save_vectors, meta)
@@ -241,6 +265,8 @@ def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
         centroids=centroids.astype(np.float32),
         base_model=info,
         prompt=prompt,
+        preprocessing=prep,
+        preprocessing_applied=applied,
         selection=Selection(
             method=cfg.selection,
             k=len(heads),

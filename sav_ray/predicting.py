@@ -1,7 +1,8 @@
-"""Batch prediction on Ray Data: manifest -> decoded rows -> classifier actors -> results.
+"""Batch prediction on Ray Data: manifest -> model inputs (CPU tasks) -> classifier actors -> results.
 
-The actor holds the base model and one artifact (checked against the model on load) and
-runs `predict_examples`: one forward pass per row, stopped after the deepest selected layer.
+Rows are preprocessed with the artifact's prompt and resolution config. The actor holds the
+base model and one artifact (checked against the model on load) and runs `predict_rows`: one
+forward pass per row, stopped after the deepest selected layer.
 Results (one small record per row) are collected on the driver and written as Parquet or JSONL.
 """
 
@@ -15,13 +16,13 @@ import numpy as np
 
 from sav_ray.artifact import SavArtifact
 from sav_ray.config import ModelConfig
-from sav_ray.decode import examples_of, object_column
 from sav_ray.errors import ConfigError, report_init_errors
+from sav_ray.preprocess import object_column, rows_of
 
 
 @report_init_errors
 class ClassifyRows:
-    """Ray Data actor: decoded rows -> `{row, id, true_label, prediction (JSON)}`."""
+    """Ray Data actor: preprocessed rows -> `{row, id, true_label, prediction (JSON)}`."""
 
     def __init__(self, model: ModelConfig, artifact: SavArtifact) -> None:
         from sav_ray.models import load_actor_model
@@ -30,10 +31,9 @@ class ClassifyRows:
         self.artifact = artifact
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from sav_ray.classify import predict_examples
+        from sav_ray.classify import predict_rows
 
-        examples = examples_of(batch)
-        preds = predict_examples(self.lm, self.artifact, examples)
+        preds = predict_rows(self.lm, self.artifact, rows_of(batch))
         return {
             "row": batch["row"],
             "id": batch["id"],
@@ -44,10 +44,10 @@ class ClassifyRows:
 
 def predict_table(table: Any, model: ModelConfig, artifact: SavArtifact) -> list[dict[str, Any]]:
     """Classify every manifest row; returns records in manifest order."""
-    from sav_ray.fitting import decoded_dataset
+    from sav_ray.fitting import preprocessed_dataset
     from sav_ray.placement import actor_pool
 
-    ds = decoded_dataset(table, model.batch_size).map_batches(
+    ds = preprocessed_dataset(table, model, artifact.prompt, artifact.preprocessing).map_batches(
         ClassifyRows,
         fn_constructor_kwargs={"model": model, "artifact": artifact},
         batch_size=model.batch_size,

@@ -15,7 +15,8 @@ Output: a pandas DataFrame, one row per input row, in order
     label   str               the predicted label
     votes   dict[str, int]    heads voting for each label (they sum to k)
     scores  dict[str, float]  votes / k
-These are `sav_ray.classify.predict_examples`'s, the same as jobs/predict.py's.
+These are `sav_ray.classify.predict_examples`'s, the same as jobs/predict.py's: inputs are
+processed with the artifact's prompt and image resolution (its `preprocessing`).
 
 Options at load, `mlflow.pyfunc.load_model(uri, model_config={...})`:
     base_model  another location of the same base model (a local mirror; geometry and

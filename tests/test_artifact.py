@@ -28,6 +28,7 @@ from sav_ray.artifact import (
     write_artifact,
 )
 from sav_ray.prompts import PromptConfig
+from sav_ray.resolution import Preprocessing
 
 REPO = Path(__file__).parents[1]
 MODEL = BaseModelInfo(
@@ -171,9 +172,39 @@ def test_missing_directory_is_refused(tmp_path):
 
 def test_unknown_schema_version_is_refused_naming_it(tmp_path):
     write_artifact(make_artifact(), tmp_path / "sav")
-    # Version 2 may change anything: the version check must come before schema validation.
-    edit_doc(tmp_path / "sav", lambda d: d.update(schema_version=2, labels="x", new_key=1))
-    with pytest.raises(ArtifactError, match=r"schema_version 2, .*\(supported: 1\)"):
+    # Version 3 may change anything: the version check must come before schema validation.
+    edit_doc(tmp_path / "sav", lambda d: d.update(schema_version=3, labels="x", new_key=1))
+    with pytest.raises(ArtifactError, match=r"schema_version 3, .*\(supported: 1, 2\)"):
+        load_artifact(tmp_path / "sav")
+
+
+def test_preprocessing_round_trips(tmp_path):
+    applied = {"image_processor": "Qwen2VLImageProcessorPil", "settings": {"size": {}}, "notes": []}
+    art = dataclasses.replace(
+        make_artifact(),
+        preprocessing=Preprocessing(max_image_pixels=200_704),
+        preprocessing_applied=applied,
+    )
+    write_artifact(art, tmp_path / "sav")
+    back = load_artifact(tmp_path / "sav")
+    assert back.preprocessing == Preprocessing(max_image_pixels=200_704)
+    assert back.preprocessing_applied == applied
+
+
+def test_version_1_artifact_loads_with_processor_defaults(tmp_path):
+    """A version-1 sav.json (no preprocessing) still loads: processor defaults."""
+    write_artifact(make_artifact(), tmp_path / "sav")
+    edit_doc(tmp_path / "sav", lambda d: (d.update(schema_version=1), d.pop("preprocessing")))
+    art = load_artifact(tmp_path / "sav")
+    assert art.schema_version == 1
+    assert art.preprocessing == Preprocessing()
+    assert art.preprocessing_applied["settings"] == {}
+
+
+def test_version_2_needs_preprocessing(tmp_path):
+    write_artifact(make_artifact(), tmp_path / "sav")
+    edit_doc(tmp_path / "sav", lambda d: d.pop("preprocessing"))
+    with pytest.raises(ArtifactError, match="'preprocessing' is a required property"):
         load_artifact(tmp_path / "sav")
 
 
@@ -273,7 +304,7 @@ def test_path_dtype_and_unknown_revision_are_compatible(tmp_path):
             lambda a: setattr(a, "selection", dataclasses.replace(a.selection, scores=[0.9])),
             r"selection.scores has 1 entries",
         ),
-        (lambda a: setattr(a, "schema_version", 2), r"schema_version 2 cannot be written"),
+        (lambda a: setattr(a, "schema_version", 1), r"schema_version 1 cannot be written"),
     ],
 )
 def test_invalid_write_leaves_nothing_behind(tmp_path, change, message):
@@ -346,7 +377,9 @@ def test_schema_is_valid_and_the_packaged_copy_is_identical():
     schema = json.loads(canonical.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     assert load_schema() == schema
-    assert schema["properties"]["schema_version"]["const"] == artifact_module.SCHEMA_VERSION
+    versions = schema["properties"]["schema_version"]["enum"]
+    assert versions == list(artifact_module.SUPPORTED_SCHEMA_VERSIONS)
+    assert artifact_module.SCHEMA_VERSION == max(versions)
 
 
 def test_installed_package_finds_its_packaged_schema(tmp_path):

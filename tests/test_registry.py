@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from sav_ray import registry, tracking
+from sav_ray.artifact import SCHEMA_VERSION
 from sav_ray.classify import predict_examples
 from sav_ray.config import FitConfig
 from sav_ray.errors import ConfigError
@@ -77,7 +78,7 @@ def test_new_version_has_the_candidate_alias_and_artifact_tags(registered, demo_
     expected = {
         "base_model": artifact.base_model.name_or_path,
         "revision": artifact.base_model.revision,
-        "schema_version": "1",
+        "schema_version": str(SCHEMA_VERSION),
         "selection": "paper",
         "k": "10",
     }

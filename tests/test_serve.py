@@ -103,16 +103,16 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(local_ray, demo_model_dir, demo_data, tmp_path_factory):
+def server(local_ray, demo_model_dir, demo_data, manifest_examples, tmp_path_factory):
     from ray import serve
 
     from sav_ray.artifact import write_artifact
     from sav_ray.capture import capture_examples
     from sav_ray.config import ModelConfig
-    from sav_ray.decode import decode_images, examples_of, object_column
     from sav_ray.manifest import ManifestFields, read_manifest
     from sav_ray.models import load_model
     from sav_ray.predicting import ClassifyRows
+    from sav_ray.preprocess import object_column, preprocess_rows
     from sav_ray.prompts import PromptConfig
     from sav_ray.registry import promote, register_artifact
     from sav_ray.tracking import run, use_store
@@ -123,16 +123,10 @@ def server(local_ray, demo_model_dir, demo_data, tmp_path_factory):
     lm = load_model(str(demo_model_dir))
     fields = ManifestFields.from_flags("image", "question", "label", None)
 
-    def decoded(manifest):
-        table = read_manifest(manifest, fields)
-        return decode_images({k: object_column(v) for k, v in table.to_pydict().items()})
-
-    train = decoded(demo_data["train"])
-    examples = examples_of(train)
+    examples, labels = manifest_examples(demo_data["train"])
     vectors = np.concatenate(
         [capture_examples(lm, examples[i : i + 10], PromptConfig()) for i in range(0, 60, 10)]
     )  # [60, layer, head, head_dim]
-    labels = [str(label) for label in train["label"]]
     circle = ["circle" if label == "red_circle" else "other" for label in labels]
     artifacts = {
         "shapes": fit_artifact(lm, vectors, labels, [1, 2], 8, tmp / "shapes"),
@@ -154,12 +148,15 @@ def server(local_ray, demo_model_dir, demo_data, tmp_path_factory):
             promote(REGISTERED, "candidate", "production", uri=uri)
 
     # What jobs/predict.py answers: its actor's code on the same rows, in this process.
-    test = decoded(demo_data["test"])
+    table = read_manifest(demo_data["test"], fields)
+    columns = {k: object_column(v) for k, v in table.to_pydict().items()}
+    test = preprocess_rows(columns, str(demo_model_dir), None, PromptConfig().to_dict(), {})
     expected = {}
     for name in ("shapes", "circles"):
         rows = ClassifyRows(ModelConfig(model=str(demo_model_dir)), artifacts[name])(test)
         expected[name] = [json.loads(p) for p in rows["prediction"]]
-    images = [base64.b64encode(_png(ex.images[0])).decode() for ex in examples_of(test)]
+    test_examples, _ = manifest_examples(demo_data["test"])
+    images = [base64.b64encode(_png(ex.images[0])).decode() for ex in test_examples]
 
     config = AppConfig(
         models=[
