@@ -189,7 +189,10 @@ def serving(
             )
             _wait_healthy(f"{url}/{app}")
         one_client = timed_rounds(
-            {"http": send["max_batch_size=1"], "bare": bare}, overhead_reps, warmup=2
+            {"http": send["max_batch_size=1"], "bare": bare},
+            overhead_reps,
+            warmup=2,
+            device=lm.input_device,
         )
         results = load_rounds(send, clients, requests, rounds)
         for app in CONFIGS.values():
