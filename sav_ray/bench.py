@@ -787,9 +787,9 @@ def _fmt(x: float) -> str:
 
 
 def _fmt_spread(row: Row) -> str:
-    if row.low == row.high:
-        return "n/a" if not math.isfinite(row.value) else "0"
-    return f"{_fmt(row.low)} - {_fmt(row.high)}"
+    if not math.isfinite(row.value):
+        return "n/a"
+    return "0" if row.low == row.high else f"{_fmt(row.low)} - {_fmt(row.high)}"
 
 
 def markdown(rows: list[Row], serving: list[dict[str, Any]], header: dict[str, Any]) -> str:
