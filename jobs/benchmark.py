@@ -59,7 +59,8 @@ EXPERIMENT = "sav-ray-benchmark"
 
 @dataclass(frozen=True)
 class Sizes:
-    """How big and how often: the full benchmark, or --quick (smaller model, fewer repetitions)."""
+    """How big and how often: the full benchmark, or --quick (smaller model, a few repetitions:
+    it checks that every row runs; its spreads are too rough for verdicts to be trusted)."""
 
     layers: int = 8
     hidden: int = 1024
@@ -84,13 +85,13 @@ QUICK = Sizes(
     hidden=512,
     heads=8,
     fit_per_class=8,
-    reps=5,
+    reps=3,
     throughput_examples=8,
-    throughput_reps=3,
-    reference_examples=4,
-    reference_reps=3,
+    throughput_reps=2,
+    reference_examples=2,
+    reference_reps=2,
     loop_heads=8,
-    reducer_reps=3,
+    reducer_reps=2,
     memory_shape=(8, 16, 64),
     requests={1: 4, 8: 8, 16: 16},
     rounds=2,
