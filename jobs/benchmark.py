@@ -1,24 +1,30 @@
 """Benchmark sav-ray against the SAVs reference method and against its own bare forward pass.
 
-Builds a mid-size random Qwen2-VL locally (8 layers, hidden 1024, 16 heads), generates its
-images, and measures, as ratios of two things timed in the same run:
+Builds a mid-size random Qwen2-VL locally (8 layers, hidden 1024, 16 heads), or with
+`--model-config NAME --layers N` a random model at a real checkpoint's geometry
+(`sav_ray.geometries`), generates its images, and measures, in the same run:
   1. capture overhead: a batched forward with hooks on every layer / without hooks
   2. forward passes per training example in a real fit on Ray (the reference makes 3)
   3. examples/s at the chosen batch size / at batch size 1
-  4. head scoring, vectorised / the reference's per-head loop; streaming reducer memory
-  5. early-exit latency (heads in the first quarter of the layers) / a full forward
-  6. Ray Serve (serve/app.py): p50/p95 and req/s at 1, 8, 16 clients, batched and not, and
+  4. a whole fit's examples/s, and the model FLOPs utilisation (on a GPU with a known peak)
+  5. sav-ray's fit work per example / the SAVs reference's (batch 1, three passes)
+  6. head scoring, vectorised / the reference's per-head loop; streaming reducer memory
+  7. early-exit latency (heads in the first quarter of the layers) / a full forward
+  8. Ray Serve (serve/app.py): p50/p95 and req/s at 1, 8, 16 clients, batched and not, and
      the HTTP + voting overhead over the bare forward pass
-Writes the JSON report to --out and a Markdown table beside it (same name, .md), prints both,
-and logs them to an MLflow run in the experiment `sav-ray-benchmark`.
+A timed row's headline is the median of back-to-back pair ratios, with their interquartile
+range as its spread; its verdict is pass or miss only when the whole spread is on one side of
+the target, "unclear" otherwise (see `sav_ray/bench.py`). Writes the JSON report to --out and a
+Markdown table beside it (same name, .md), prints both, and logs them to an MLflow run in the
+experiment `sav-ray-benchmark`.
 
-    python jobs/benchmark.py --out data/benchmark/benchmark.json     # ~15 min on 2 CPUs
-    python jobs/benchmark.py --quick --out /tmp/bench.json           # < 5 min, every row
-    python jobs/benchmark.py --device cuda --dtype bfloat16          # unchanged on a GPU
+    python jobs/benchmark.py --out data/benchmark/benchmark.json     # ~10 min on 2 CPUs
+    python jobs/benchmark.py --quick --out /tmp/bench.json           # a few minutes, every row
+    python jobs/benchmark.py --device cuda --dtype bfloat16 --model-config qwen2-vl-7b --layers 28
 
-On a CPU shared with other work, `--threads 1 --clock cpu` gives steady ratios: one torch
-thread does not stall on cores other processes hold, and the in-process rows (1, 3, 4, 5) then
-count this process's CPU time, which their load does not inflate. Serving is always wall time.
+The in-process rows are timed on wall time and on this process's CPU time; by default
+(`--clock auto`) their verdicts use CPU time on a CPU, which other processes' load does not
+inflate, and wall time on a GPU. A fit on Ray and serving are wall time only.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from sav_ray import bench, bench_serving, tracking  # noqa: E402
+from sav_ray import bench, bench_serving, geometries, tracking  # noqa: E402
 from sav_ray.artifact import write_artifact  # noqa: E402
 from sav_ray.config import FitConfig  # noqa: E402
 from sav_ray.demo_data import make_dataset  # noqa: E402
@@ -53,20 +59,25 @@ EXPERIMENT = "sav-ray-benchmark"
 
 @dataclass(frozen=True)
 class Sizes:
-    """How big and how often: the full benchmark, or --quick (smaller model, fewer repetitions)."""
+    """How big and how often: the full benchmark, or --quick (smaller model, a few repetitions:
+    it checks that every row runs; its spreads are too rough for verdicts to be trusted)."""
 
     layers: int = 8
     hidden: int = 1024
     heads: int = 16
     fit_per_class: int = 32  # 3 classes
-    reps: int = 20  # rows 1 and 5
-    throughput_examples: int = 32
-    throughput_reps: int = 3
+    reps: int = 20  # capture overhead, early exit
+    throughput_examples: int = 16
+    throughput_reps: int = 10
+    reference_examples: int = 8
+    reference_reps: int = 10
     loop_heads: int = 56  # of 784, for the reference loop
+    reducer_reps: int = 10
     memory_shape: tuple[int, int, int] = (28, 28, 128)
     clients: tuple[int, ...] = (1, 8, 16)
-    requests: dict[int, int] = field(default_factory=lambda: {1: 40, 8: 96, 16: 160})
-    overhead_reps: int = 30
+    requests: dict[int, int] = field(default_factory=lambda: {1: 6, 8: 24, 16: 48})  # a round
+    rounds: int = 10
+    overhead_reps: int = 20
 
 
 FULL = Sizes()
@@ -76,10 +87,14 @@ QUICK = Sizes(
     fit_per_class=8,
     reps=3,
     throughput_examples=8,
-    throughput_reps=1,
+    throughput_reps=2,
+    reference_examples=2,
+    reference_reps=2,
     loop_heads=8,
+    reducer_reps=2,
     memory_shape=(8, 16, 64),
-    requests={1: 8, 8: 16, 16: 32},
+    requests={1: 4, 8: 8, 16: 16},
+    rounds=2,
     overhead_reps=5,
 )
 
@@ -87,6 +102,19 @@ QUICK = Sizes(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="jobs/benchmark.py", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smaller model, fewer repetitions")
+    p.add_argument(
+        "--model-config",
+        default=None,
+        metavar="NAME",
+        help="benchmark a random model at a real checkpoint's geometry: "
+        + ", ".join(geometries.GEOMETRIES),
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="decoder layers of the benchmark model (default: 8, or 1 with --model-config)",
+    )
     p.add_argument(
         "--out",
         default="data/benchmark/benchmark.json",
@@ -100,9 +128,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument(
         "--clock",
-        choices=sorted(bench.CLOCKS),
-        default="wall",
-        help="in-process timings: wall (default) or this process's CPU time (CPU devices only)",
+        choices=["auto", *bench.CLOCKS],
+        default="auto",
+        help="the clock of the in-process rows' verdicts (both are reported): auto (CPU time "
+        "on a CPU, wall time on a GPU), wall, or cpu (this process's CPU time; CPU devices only)",
     )
     p.add_argument(
         "--tracking-uri",
@@ -114,7 +143,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--batch-size {args.batch_size}: must be at least 2 (row 3 compares it with 1)")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads {args.threads}: must be at least 1")
+    if args.layers is not None and args.layers < 1:
+        p.error(f"--layers {args.layers}: must be at least 1")
     return args
+
+
+def build_model(args: argparse.Namespace, sizes: Sizes, out_dir: Path) -> Path:
+    """The benchmark model: at `--model-config`'s geometry, else the mid-size random Qwen2-VL."""
+    if args.model_config is None:
+        layers = args.layers or sizes.layers
+        return build_tiny_model(
+            "qwen2_vl", out_dir, num_layers=layers, hidden_size=sizes.hidden,
+            num_heads=sizes.heads,
+        )  # fmt: skip
+    return geometries.build_geometry_model(
+        model_config_name(args.model_config), out_dir, layers=args.layers or 1
+    )
+
+
+def model_config_name(name: str) -> str:
+    """`--model-config`'s geometry key; `qwen2_vl_7b` spells `qwen2-vl-7b` too."""
+    for candidate in (name, name.replace("_", "-")):
+        try:
+            geometries.geometry(candidate)
+            return candidate
+        except ConfigError:
+            pass
+    raise ConfigError(
+        f"--model-config {name!r} is not known; choose one of {', '.join(geometries.GEOMETRIES)}"
+    )
 
 
 def fit_config(
@@ -138,16 +195,15 @@ def run_benchmark(
     device = default_device() if args.device == "auto" else args.device
     if args.clock == "cpu" and device.startswith("cuda"):
         raise ConfigError("--clock cpu does not see GPU work; use --clock wall on a GPU")
-    clock = bench.CLOCKS[args.clock]
     threads = torch.get_num_threads()
     load_before = os.getloadavg()
 
-    model_dir = build_tiny_model(
-        "qwen2_vl", work / "model", num_layers=sizes.layers, hidden_size=sizes.hidden,
-        num_heads=sizes.heads,
-    )  # fmt: skip
+    model_dir = build_model(args, sizes, work / "model")
     data = make_dataset(work / "data", classes=3, train_per_class=sizes.fit_per_class)
     lm = load_model(str(model_dir), dtype=args.dtype, device=device)
+    if lm.input_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(lm.input_device)
+    clock = bench.verdict_clock(args.clock, lm.input_device)
     examples = bench.load_examples(data["train"])
     prompt = PromptConfig()
 
@@ -165,20 +221,34 @@ def run_benchmark(
             {b: (s.examples, s.forward_rows) for b, (_, s) in fits.items()}, args.batch_size
         )
     )
+    fit_rates = {b: s.examples_per_second for b, (_, s) in fits.items()}
+    throughput_examples = examples[: sizes.throughput_examples]
+    row, timings = bench.batch_throughput(
+        lm, throughput_examples, prompt, args.batch_size, sizes.throughput_reps, clock
+    )
+    rows.append(row)
+    rows.append(bench.fit_throughput(fit_rates, args.batch_size))
     rows.append(
-        bench.batch_throughput(
-            lm, examples[: sizes.throughput_examples], prompt, args.batch_size,
-            sizes.throughput_reps, {b: s.examples_per_second for b, (_, s) in fits.items()},
-            clock,
+        bench.utilisation(
+            lm, throughput_examples, prompt, timings.wall["batched"], fit_rates[args.batch_size]
+        )
+    )
+    rows.append(
+        bench.reference_ratio(
+            lm, examples[: sizes.reference_examples], prompt, args.batch_size,
+            sizes.reference_reps, 1 / fit_rates[args.batch_size], clock,
         )
     )  # fmt: skip
-    rows.append(bench.reducer_speedup(loop_heads=sizes.loop_heads, clock=clock))
+    rows.append(
+        bench.reducer_speedup(loop_heads=sizes.loop_heads, reps=sizes.reducer_reps, clock=clock)
+    )
     rows.append(bench.reducer_memory(shape=sizes.memory_shape))
     rows.append(bench.early_exit(lm, examples[0], prompt, sizes.reps, clock))
 
     serving_rows, serving_table = bench_serving.serving(
         work / "sav", lm, examples[0], dtype=args.dtype, device=device, threads=threads,
-        clients=sizes.clients, requests=sizes.requests, overhead_reps=sizes.overhead_reps,
+        clients=sizes.clients, requests=sizes.requests, rounds=sizes.rounds,
+        overhead_reps=sizes.overhead_reps,
     )  # fmt: skip
     rows += serving_rows
 
@@ -193,9 +263,10 @@ def run_benchmark(
             "quick": args.quick,
             "environment": {
                 "device": device,
+                "device_name": bench.device_name(lm.input_device),
                 "dtype": lm.info.dtype,
                 "torch_threads": threads,
-                "clock": args.clock,
+                "verdict_clock": clock,
                 "cpus": os.cpu_count(),
                 "load_average_before": [round(x, 2) for x in load_before],
                 "load_average_after": [round(x, 2) for x in os.getloadavg()],
@@ -204,11 +275,12 @@ def run_benchmark(
                 "platform": platform.platform(),
             },
             "model": {
+                "config": args.model_config or "qwen2_vl (mid-size random)",
                 "architecture": lm.info.architecture,
                 "layers": lm.info.num_layers,
                 "heads": lm.info.num_heads,
                 "head_dim": lm.info.head_dim,
-                "hidden": sizes.hidden,
+                "hidden": lm.model.config.get_text_config().hidden_size,
                 "parameters": sum(p.numel() for p in lm.model.parameters()),
             },
         },
@@ -225,7 +297,11 @@ def log_to_mlflow(report: dict[str, Any], markdown: str, tracking_uri: str | Non
         mlflow.log_params({**report["environment"], **report["model"], "quick": report["quick"]})
         metrics = {}
         for row in report["rows"]:
-            metrics[row["key"]] = row["value"]
+            if row["value"] is not None:
+                metrics[row["key"]] = row["value"]
+            if row["low"] != row["high"]:
+                metrics[tracking.metric_key(row["key"], "low")] = row["low"]
+                metrics[tracking.metric_key(row["key"], "high")] = row["high"]
             metrics.update(
                 {tracking.metric_key(row["key"], k): v for k, v in row["measured"].items()}
             )

@@ -94,9 +94,15 @@ def build_tiny_model(
     num_kv_heads: int = 2,
     head_dim: int | None = None,
     vocab_size: int = 512,
+    intermediate_size: int | None = None,
+    text_config: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> Path:
-    """Build a tiny `arch` model with its processor and save both to `out_dir`."""
+    """Build a tiny `arch` model with its processor and save both to `out_dir`.
+
+    `dtype` is the dtype of the saved weights (the model is built in float32 either way).
+    """
     model, processor = tiny_model_and_processor(
         arch,
         num_layers=num_layers,
@@ -105,10 +111,12 @@ def build_tiny_model(
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         vocab_size=vocab_size,
+        intermediate_size=intermediate_size,
+        text_config=text_config,
         seed=seed,
     )
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
+    model.to(dtype).save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
 
@@ -122,9 +130,15 @@ def tiny_model_and_processor(
     num_kv_heads: int = 2,
     head_dim: int | None = None,
     vocab_size: int = 512,
+    intermediate_size: int | None = None,
+    text_config: dict[str, Any] | None = None,
     seed: int = 0,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """The model (float32, eval mode) and processor that `build_tiny_model` saves."""
+    """The model (float32, eval mode) and processor that `build_tiny_model` saves.
+
+    `intermediate_size` defaults to 2 * hidden_size. `text_config` adds or overrides text
+    config fields (e.g. a real checkpoint's `rope_parameters`, `rms_norm_eps`).
+    """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     if hidden_size % num_heads or num_heads % num_kv_heads:
@@ -149,7 +163,7 @@ def tiny_model_and_processor(
     text = {
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
-        "intermediate_size": 2 * hidden_size,
+        "intermediate_size": intermediate_size or 2 * hidden_size,
         "num_hidden_layers": num_layers,
         "num_attention_heads": num_heads,
         "num_key_value_heads": num_kv_heads,
@@ -157,6 +171,7 @@ def tiny_model_and_processor(
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
+        **(text_config or {}),
     }
     config, processor = _BUILDERS[arch](text, head_dim, ids, tokenizer)
 
@@ -259,7 +274,7 @@ def _qwen2_vl(
 ) -> tuple[PreTrainedConfig, ProcessorMixin]:
     rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(head_dim)}
     config = Qwen2VLConfig(
-        text_config={**text, "rope_parameters": rope},
+        text_config={"rope_parameters": rope, **text},
         vision_config={
             "depth": 2,
             "embed_dim": 32,
@@ -281,7 +296,7 @@ def _qwen2_5_vl(
 ) -> tuple[PreTrainedConfig, ProcessorMixin]:
     rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(head_dim)}
     config = Qwen2_5_VLConfig(
-        text_config={**text, "rope_parameters": rope},
+        text_config={"rope_parameters": rope, **text},
         vision_config={
             "depth": 2,
             "hidden_size": 32,
@@ -373,9 +388,9 @@ def _gemma3(
     config = Gemma3Config(
         text_config={
             "model_type": "gemma3_text",
+            "query_pre_attn_scalar": head_dim,
             **text,
             "head_dim": head_dim,
-            "query_pre_attn_scalar": head_dim,
         },
         vision_config={
             "model_type": "siglip_vision_model",
