@@ -248,7 +248,7 @@ def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
         write_vectors(ds, cfg.save_vectors, meta)
     scores = head_hits(ds, sums, cfg.selection).scores()  # [layer, head]
     heads = reduce.select_heads(scores, cfg.num_heads)  # [k, 2]
-    centroids = reduce.gather_heads(sums.centroids(), heads)  # [class, k, head_dim]
+    centroids = sums.centroids(heads)  # [class, k, head_dim]
     artifact = SavArtifact(
         labels=list(labels),
         heads=heads,

@@ -168,10 +168,13 @@ class ClassSums:
             raise ReduceError(f"{why} needs a row per label; merge the partials into a total")
         _require_count(self.labels, self.counts, minimum, why)
 
-    def centroids(self) -> np.ndarray:
-        """Class means [class, layer, head, head_dim] float32."""
+    def centroids(self, heads: np.ndarray | None = None) -> np.ndarray:
+        """Class means [class, layer, head, head_dim] float32; given heads [k, 2] (layer, head),
+        only theirs, [class, k, head_dim] (the same values, without a mean of every head)."""
         self._require_count(1, "a centroid")
-        return (self.sums / self.counts[:, None, None, None]).astype(np.float32)
+        sums = self.sums if heads is None else gather_heads(self.sums, heads)
+        counts = self.counts.reshape(-1, *[1] * (sums.ndim - 1))  # [class, 1, ...]
+        return (sums / counts).astype(np.float32)
 
 
 @dataclass(eq=False)

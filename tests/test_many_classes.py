@@ -55,6 +55,10 @@ def test_partials_of_present_classes_add_up_to_the_dense_sums():
     np.testing.assert_array_equal(merged.present, np.union1d(parts[0].present, parts[1].present))
     with pytest.raises(reduce.ReduceError, match="row per label"):
         parts[0].centroids()
+    heads = np.array([[2, 1], [0, 3]])  # [k, 2] (layer, head)
+    np.testing.assert_array_equal(
+        dense.centroids(heads), reduce.gather_heads(dense.centroids(), heads)
+    )
 
 
 @pytest.mark.slow
