@@ -7,7 +7,7 @@ order, through the real reducer path on a local Ray: `first_pass` (class sums), 
 process (its own Ray), so the peak resident memory of its driver is its own; the vectors are
 generated in Ray tasks block by block, never on the driver.
 
-    python -m sav_ray.bench_scale            # full size (about 10 minutes on 2 cores)
+    python -m sav_ray.bench_scale            # full size (17 minutes on a busy 2-core machine)
     python -m sav_ray.bench_scale --quick    # 2,000 examples: 100 x 20 against 10 x 200
 """
 
@@ -148,8 +148,10 @@ def run_case_in_subprocess(case: ScaleCase, num_cpus: int = 2) -> dict[str, floa
     cmd = [sys.executable, "-m", "sav_ray.bench_scale", "--case", json.dumps(asdict(case))]
     cmd += ["--num-cpus", str(num_cpus)]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"bench_scale case {case} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def many_classes_rows(
@@ -187,15 +189,20 @@ def many_classes_rows(
             value=big["peak_rss_mib"] / small["peak_rss_mib"],
             op="<=",
             threshold=1.5,
-            measured=measured,
+            measured={
+                **measured,
+                "private_ratio": big["peak_private_mib"] / small["peak_private_mib"],
+            },
             note=(
-                f"{setup}; resident set size of the driver sampled every 10 ms. The driver "
+                f"{setup}; resident set size of the driver sampled every 10 ms (private: less "
+                "shared pages, i.e. without the object-store pages it maps). The driver "
                 f"holds one float64 total of every class's sums ({big['class_sums_mib']:.0f} "
                 f"MiB at {many} classes), partials sized by the classes in each block"
             ),
             if_missed=(
-                "the float64 class-sums total and the float32 unit centroids put once in the "
-                "object store grow with the classes; the per-block partials do not"
+                "the driver holds the float64 total of every class's sums and, until it is put "
+                "in the object store, the float32 unit centroids: both grow with the classes "
+                "(the per-block partials do not); holding the total in a Ray actor would not"
             ),
         ),
         Row(
