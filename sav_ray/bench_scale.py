@@ -138,7 +138,8 @@ def run_case(case: ScaleCase) -> dict[str, float]:
         "peak_rss_mib": rss.peak / 2**20,
         "peak_private_mib": rss.peak_private / 2**20,
         "baseline_rss_mib": baseline / 2**20,
-        "class_sums_mib": sums.sums.nbytes / 2**20,
+        # float64 [class, layer, head, head_dim], held by the sums actor, not this driver
+        "class_sums_mib": len(sums.labels) * int(np.prod(sums.shape)) * 8 / 2**20,
         "blocks": blocks,
     }
 
@@ -195,14 +196,16 @@ def many_classes_rows(
             },
             note=(
                 f"{setup}; resident set size of the driver sampled every 10 ms (private: less "
-                "shared pages, i.e. without the object-store pages it maps). The driver "
-                f"holds one float64 total of every class's sums ({big['class_sums_mib']:.0f} "
-                f"MiB at {many} classes), partials sized by the classes in each block"
+                "shared pages, i.e. without the object-store pages it maps). Partials are sized "
+                "by the classes in each block and go by reference to a Ray actor that holds the "
+                f"float64 total of every class's sums ({big['class_sums_mib']:.0f} MiB at "
+                f"{many} classes) and puts the unit centroids in the object store: the driver "
+                "only sees counts, head hits and the selected heads' centroids"
             ),
             if_missed=(
-                "the driver holds the float64 total of every class's sums and, until it is put "
-                "in the object store, the float32 unit centroids: both grow with the classes "
-                "(the per-block partials do not); holding the total in a Ray actor would not"
+                "something the driver fetches or builds grows with the classes: the counts, "
+                "the per-block head hits and the selected centroids [class, k, head_dim] do, "
+                "but by kilobytes to a few MiB"
             ),
         ),
         Row(

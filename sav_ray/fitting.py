@@ -2,8 +2,9 @@
 
 The model runs once per example. Everything after it is passes over the (materialised or
 saved) vectors dataset that keep only fixed-size state: per-class sums and counts, then
-per-head hit counts, then the top-k vote's hits. Each block returns a partial, the driver
-merges them, so memory does not grow with the number of examples.
+per-head hit counts, then the top-k vote's hits. Each block returns a partial, and they are
+merged one at a time, so memory does not grow with the number of examples. The class sums,
+which grow with the classes, are merged in a Ray actor (`sav_ray.remote_sums`), not the driver.
 
     artifact, stats = fit(FitConfig(model=..., train=..., output=...))
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from sav_ray.config import FitConfig, ModelConfig
 from sav_ray.errors import ConfigError
 from sav_ray.manifest import check_image_files, read_manifest, validate_for_fit
 from sav_ray.prompts import PromptConfig
+from sav_ray.remote_sums import RemoteClassSums, accumulate
 
 VECTORS_META = "sav_vectors.json"  # sidecar of a vectors dataset: model, prompt, labels
 
@@ -114,6 +115,7 @@ def _sums_of_block(batch: dict[str, np.ndarray], labels: tuple[str, ...]) -> dic
         labels, batch["vectors"], _label_index(labels, batch["label"]), present_only=True
     )
     out = {"present": part.present[None], "sums": part.sums[None], "counts": part.counts[None]}
+    # Small per-block columns beside the sums come back to the driver (`first_pass`).
     if "forward_rows" in batch:  # fresh from the model actors, not read back from Parquet
         out["forward_rows"] = np.array([batch["forward_rows"].sum()])
         out["model_info"] = np.array([json.dumps(sorted(set(batch["model_info"])))])
@@ -141,43 +143,34 @@ def _vote_hits_of_block(
     return {"correct": np.array([int((votes.label_idx == y).sum())]), "n": np.array([len(y)])}
 
 
-def _partials(ds: Any, fn: Any, **kwargs: Any) -> Iterator[dict[str, np.ndarray]]:
-    """One partial per block, computed where the block lives, streamed to the driver (which
-    merges them one at a time, so its memory does not grow with the number of blocks).
-    Large kwargs go as `ray.put` ObjectRefs, stored once and read by every task."""
-    yield from ds.map_batches(fn, batch_size=None, fn_kwargs=kwargs, num_cpus=1).iter_rows()
+def _partials(ds: Any, fn: Any, **kwargs: Any) -> Any:
+    """A dataset of one partial per block, computed where the block lives, to be merged one
+    at a time (so memory does not grow with the number of blocks). Large kwargs go as
+    `ray.put` ObjectRefs, stored once and read by every task."""
+    return ds.map_batches(fn, batch_size=None, fn_kwargs=kwargs, num_cpus=1)
 
 
 def first_pass(
     ds: Any, labels: tuple[str, ...]
-) -> tuple[reduce.ClassSums, float, BaseModelInfo | None]:
-    """Class sums, the rows the model ran, and the base model as the actors loaded it."""
-    total: reduce.ClassSums | None = None
-    infos: set[str] = set()
-    forward_rows = 0.0
-    for p in _partials(ds, _sums_of_block, labels=labels):
-        part = reduce.ClassSums(labels, p["sums"], p["counts"], present=p["present"])
-        if total is None:  # one total [class, layer, head, head_dim], added to in place
-            total = reduce.ClassSums.zeros(labels, part.shape)
-        total.add(part)
-        if "model_info" in p:
-            forward_rows += float(p["forward_rows"])
-            infos.update(json.loads(str(p["model_info"])))
-    assert total is not None, "the vectors dataset is empty"
+) -> tuple[RemoteClassSums, float, BaseModelInfo | None]:
+    """Class sums (held by a Ray actor), the rows the model ran, and the base model as the
+    actors loaded it."""
+    sums, small = accumulate(labels, _partials(ds, _sums_of_block, labels=labels))
+    # small: column -> one value per block (absent for saved vectors: no model ran)
+    forward_rows = float(sum(small.get("forward_rows", [])))
+    infos = {info for block in small.get("model_info", []) for info in json.loads(block)}
     if len(infos) > 1:
         raise RuntimeError(f"model actors disagree on the base model: {sorted(infos)}")
     info = BaseModelInfo.from_dict(json.loads(infos.pop())) if infos else None
-    return total, forward_rows, info
+    return sums, forward_rows, info
 
 
-def head_hits(ds: Any, sums: reduce.ClassSums, method: str) -> reduce.HeadHits:
-    import ray
-
-    # Normalised once here, not per block; [class, layer*head, head_dim] float32 (+ the sums
-    # for loo) is 0.4 GB at 1000 classes and 28 x 28 x 128, so it travels once, by reference.
-    scoring = ray.put(reduce.ScoringCentroids.of(sums, method))
+def head_hits(ds: Any, sums: RemoteClassSums, method: str) -> reduce.HeadHits:
+    # Normalised once, not per block; [class, layer*head, head_dim] float32 (+ the sums for
+    # loo) is 0.4 GB at 1000 classes and 28 x 28 x 128, so it travels once, by reference.
+    scoring = sums.scoring(method)
     total = reduce.HeadHits.zeros(sums.shape[:2])
-    for p in _partials(ds, _hits_of_block, scoring=scoring, method=method):
+    for p in _partials(ds, _hits_of_block, scoring=scoring, method=method).iter_rows():
         total = total.merge(reduce.HeadHits(p["hits"], int(p["n"])))
     return total
 
@@ -192,7 +185,7 @@ def vote_accuracy(ds: Any, artifact: SavArtifact) -> float:
         labels=tuple(artifact.labels),
         heads=artifact.heads,
         centroids=ray.put(artifact.centroids),
-    ):
+    ).iter_rows():
         correct, n = correct + int(p["correct"]), n + int(p["n"])
     return correct / n
 

@@ -59,6 +59,16 @@ def _require_count(labels: tuple[str, ...], counts: np.ndarray, minimum: int, wh
             )
 
 
+def require_examples(labels: tuple[str, ...], counts: np.ndarray, method: str | None) -> None:
+    """Every class has what a centroid (`method` None) or `method` selection needs: one
+    example, two for `loo` (its centroid without the example itself)."""
+    if method is None:
+        _require_count(labels, counts, 1, "a centroid")
+    else:
+        _check_method(method)
+        _require_count(labels, counts, 2 if method == "loo" else 1, f"{method} selection")
+
+
 @dataclass(eq=False)
 class ClassSums:
     """Per-class sums and counts of head vectors: mergeable partials, the reducer's only state.
@@ -163,15 +173,16 @@ class ClassSums:
         self.counts[rows] += other.counts
         return self
 
-    def _require_count(self, minimum: int, why: str) -> None:
+    def _require_examples(self, method: str | None) -> None:
         if self.present is not None:
+            why = "a centroid" if method is None else f"{method} selection"
             raise ReduceError(f"{why} needs a row per label; merge the partials into a total")
-        _require_count(self.labels, self.counts, minimum, why)
+        require_examples(self.labels, self.counts, method)
 
     def centroids(self, heads: np.ndarray | None = None) -> np.ndarray:
         """Class means [class, layer, head, head_dim] float32; given heads [k, 2] (layer, head),
         only theirs, [class, k, head_dim] (the same values, without a mean of every head)."""
-        self._require_count(1, "a centroid")
+        self._require_examples(None)
         sums = self.sums if heads is None else gather_heads(self.sums, heads)
         counts = self.counts.reshape(-1, *[1] * (sums.ndim - 1))  # [class, 1, ...]
         return (sums / counts).astype(np.float32)
@@ -192,8 +203,7 @@ class ScoringCentroids:
     def of(cls, sums: ClassSums, method: str, class_chunk: int = 64) -> ScoringCentroids:
         """`class_chunk` classes are normalised at a time, so no float64 copy of all the sums
         is made; each class's unit vector is the same as normalising all at once."""
-        _check_method(method)
-        sums._require_count(2 if method == "loo" else 1, f"{method} selection")
+        sums._require_examples(method)
         num_layers, num_heads, head_dim = sums.shape
         class_sums = sums.sums.reshape(len(sums.labels), -1, head_dim)  # [class, l*h, head_dim]
         unit = np.empty(class_sums.shape, dtype=np.float32)
@@ -260,7 +270,7 @@ def head_hits(
     num_classes = len(sums.labels)
     label_idx = _check_label_idx(label_idx, len(vectors), num_classes)
     if isinstance(sums, ScoringCentroids):
-        _require_count(sums.labels, sums.counts, 2 if method == "loo" else 1, f"{method} selection")
+        require_examples(sums.labels, sums.counts, method)
         if method == "loo" and sums.sums is None:
             raise ReduceError("loo selection needs ScoringCentroids.of(sums, 'loo')")
         scoring = sums
