@@ -24,6 +24,7 @@ SELECTION_METHODS = ("paper", "loo")
 
 # Size of one float64 array of a `head_hits` chunk; a chunk holds a few such arrays at once.
 _CHUNK_BYTES = 32 * 2**20
+_CHUNK_ROWS = 256  # `head_hits` rows at a time: the unit centroids are read once per chunk
 
 
 class ReduceError(ValueError):
@@ -195,7 +196,7 @@ class ScoringCentroids:
 
     labels: tuple[str, ...]
     counts: np.ndarray  # [class] int64
-    unit: np.ndarray  # [class, layer*head, head_dim] float32 unit class means
+    unit: np.ndarray  # [layer*head, head_dim, class] float32 unit class means, one matrix a head
     shape: tuple[int, int, int]  # (layer, head, head_dim)
     sums: np.ndarray | None = None  # [class, layer*head, head_dim] float64; `loo` needs them
 
@@ -206,9 +207,11 @@ class ScoringCentroids:
         sums._require_examples(method)
         num_layers, num_heads, head_dim = sums.shape
         class_sums = sums.sums.reshape(len(sums.labels), -1, head_dim)  # [class, l*h, head_dim]
-        unit = np.empty(class_sums.shape, dtype=np.float32)
-        for start in range(0, len(unit), class_chunk):
-            unit[start : start + class_chunk] = _unit(class_sums[start : start + class_chunk])
+        # [layer*head, head_dim, class]: each head's centroids a contiguous matrix for the products
+        unit = np.empty(class_sums.shape[1:] + class_sums.shape[:1], dtype=np.float32)
+        for start in range(0, len(class_sums), class_chunk):
+            chunk = _unit(class_sums[start : start + class_chunk])  # [chunk, l*h, head_dim]
+            unit[:, :, start : start + class_chunk] = chunk.transpose(1, 2, 0)
         return cls(
             sums.labels,
             sums.counts,
@@ -258,7 +261,9 @@ def head_hits(
     vectors [n, layer, head, head_dim] must be examples already counted in `sums` (for `loo`,
     each is removed from its own class sum). Sums stand in for means: cosine ignores scale.
     Given `ScoringCentroids.of(sums, method)`, the centroids are not normalised again per batch.
-    `chunk_size` rows are processed at a time (default: about 32 MiB per float64 array).
+    `chunk_size` rows are processed at a time (default 256), in groups of heads of about
+    32 MiB per float64 array: with many classes, a chunk of few rows would read every head's
+    centroids (0.4 GB at 1000 classes x 28 x 28 x 128) for only those rows.
     """
     _check_method(method)
     vectors = np.asarray(vectors)
@@ -283,22 +288,25 @@ def head_hits(
     # The nearest centroid by cosine does not depend on the example's own length, so examples
     # are not normalised: float32 products against unit centroids (6x faster than float64
     # cosines, same argmax up to float32 rounding of near-exact ties).
-    unit_sums = scoring.unit.transpose(1, 2, 0)  # [layer*head, head_dim, class]
-    if chunk_size is None:
-        chunk_size = max(1, _CHUNK_BYTES // (8 * lh * max(head_dim, num_classes)))
+    unit_sums = scoring.unit  # [layer*head, head_dim, class]
+    chunk_size = chunk_size or _CHUNK_ROWS
     assert chunk_size >= 1, chunk_size
 
     hits = np.zeros(lh, dtype=np.int64)
     for start in range(0, n, chunk_size):
-        # [b, layer*head, head_dim]
-        x = vectors[start : start + chunk_size].reshape(-1, lh, head_dim).astype(np.float32)
+        rows = vectors[start : start + chunk_size].reshape(-1, lh, head_dim)  # [b, l*h, head_dim]
         y = label_idx[start : start + chunk_size]  # [b]
-        sims = x.transpose(1, 0, 2) @ unit_sums  # [layer*head, b, class]
-        if method == "loo":
-            own = _unit(class_sums[y] - x).astype(np.float32)  # [b, layer*head, head_dim]
-            sims[:, np.arange(len(y)), y] = np.einsum("bhd,bhd->hb", x, own)
-        nearest = sims.argmax(axis=-1)  # [layer*head, b]; first maximum = lowest class index
-        hits += (nearest == y).sum(axis=1)
+        step = max(1, _CHUNK_BYTES // (8 * len(y) * max(head_dim, num_classes)))  # heads
+        for first in range(0, lh, step):
+            h = slice(first, first + step)
+            x = np.ascontiguousarray(rows[:, h].transpose(1, 0, 2), dtype=np.float32)
+            sims = x @ unit_sums[h]  # [heads, b, class]
+            if method == "loo":
+                # [b, heads, head_dim]
+                own = _unit(class_sums[y, h] - x.transpose(1, 0, 2)).astype(np.float32)
+                sims[:, np.arange(len(y)), y] = np.einsum("hbd,bhd->hb", x, own)
+            nearest = sims.argmax(axis=-1)  # [heads, b]; first maximum = lowest class index
+            hits[h] += (nearest == y).sum(axis=1)
     return HeadHits(hits.reshape(num_layers, num_heads), n)
 
 
