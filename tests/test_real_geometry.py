@@ -1,7 +1,9 @@
 """Capture, fit and predict at the decoder geometry of real checkpoints (sav_ray.geometries):
 random models at the real width, heads and head_dim, 1 decoder layer, a small MLP width.
 
-Slow: four ~40-100 MB models and a fit and predict on Ray for each (one Ray for the module).
+Slow: four ~40-100 MB models and a fit and predict on Ray for each: one Ray for the module,
+each model built and loaded once, two classes of two rows (one to predict), one batch each, so
+the time goes to what is proved, not to rows.
 """
 
 from __future__ import annotations
@@ -27,6 +29,15 @@ pytestmark = pytest.mark.slow
 
 NAMES = list(GEOMETRIES)
 INTERMEDIATE = 256  # the MLP is not what is tested; the real one is 10-19k wide
+
+
+@pytest.fixture(scope="module")
+def two_classes(tmp_path_factory):
+    """{"train": manifest, "test": manifest}: 2 classes, 2 training rows and 1 test row each."""
+    from sav_ray.demo_data import make_dataset
+
+    folder = tmp_path_factory.mktemp("two_classes")
+    return make_dataset(folder, classes=2, train_per_class=2, test_per_class=1)
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +81,11 @@ def test_unknown_name_and_too_many_layers_are_config_errors(tmp_path):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_o_proj_of_captured_vector_equals_o_proj_output(built, name, manifest_examples, small_data):
+def test_o_proj_of_captured_vector_equals_o_proj_output(
+    built, name, manifest_examples, two_classes
+):
     _, lm = built(name)
-    examples, _ = manifest_examples(small_data["train"])
+    examples, _ = manifest_examples(two_classes["train"])
     inputs = dict(encode(lm.processor, examples[:2], PromptConfig()))
     outputs: dict[int, torch.Tensor] = {}
     handles = [
@@ -95,27 +108,34 @@ def test_o_proj_of_captured_vector_equals_o_proj_output(built, name, manifest_ex
 
 @pytest.mark.parametrize("name", NAMES)
 def test_fit_on_ray_and_predict_round_trip(
-    built, name, local_ray, small_data, manifest_examples, tmp_path
+    built, name, local_ray, two_classes, manifest_examples, tmp_path
 ):
     folder, lm = built(name)
-    k = 4
-    cfg = FitConfig(model=str(folder), train=str(small_data["train"]), output="x", num_heads=k)
+    examples, labels_of_rows = manifest_examples(two_classes["train"])
+    test_examples, _ = manifest_examples(two_classes["test"])
+    cfg = FitConfig(
+        model=str(folder),
+        train=str(two_classes["train"]),
+        output="x",
+        num_heads=4,
+        batch_size=len(examples),  # one batch: one actor call
+    )
     artifact, stats = fit(cfg)
-    assert stats.forward_rows == stats.examples == 18
+    assert stats.forward_rows == stats.examples == len(examples)
     write_artifact(artifact, tmp_path / "sav")
     written = load_artifact(tmp_path / "sav", expect=lm.info)
 
     # The fit's centroids are those of a capture of the same rows in this process.
-    examples, labels_of_rows = manifest_examples(small_data["train"])
     y = np.array([written.labels.index(label) for label in labels_of_rows])  # [n]
     vectors = capture_examples(lm, examples, PromptConfig())  # [n, layer, head, head_dim]
     sums = reduce.ClassSums.from_batch(written.labels, vectors, y)
     np.testing.assert_allclose(written.centroids, sums.centroids(written.heads), atol=1e-5, rtol=0)
 
     # Predict on Ray gives what the artifact gives in this process.
-    table = read_manifest(small_data["test"], require_label=False)
-    records = predict_table(table, ModelConfig(model=str(folder)), written)
-    test_examples, _ = manifest_examples(small_data["test"])
+    table = read_manifest(two_classes["test"], require_label=False)
+    records = predict_table(
+        table, ModelConfig(model=str(folder), batch_size=len(test_examples)), written
+    )
     expected = predict_examples(lm, written, test_examples)
     assert [r["label"] for r in records] == [p.label for p in expected]
     assert [r["votes"] for r in records] == [p.votes for p in expected]
