@@ -7,7 +7,7 @@ order, through the real reducer path on a local Ray: `first_pass` (class sums), 
 process (its own Ray), so the peak resident memory of its driver is its own; the vectors are
 generated in Ray tasks block by block, never on the driver.
 
-    python -m sav_ray.bench_scale            # full size (17 minutes on a busy 2-core machine)
+    python -m sav_ray.bench_scale            # full size (9 minutes on a busy 2-core machine)
     python -m sav_ray.bench_scale --quick    # 2,000 examples: 100 x 20 against 10 x 200
 """
 

@@ -166,8 +166,8 @@ def first_pass(
 
 
 def head_hits(ds: Any, sums: RemoteClassSums, method: str) -> reduce.HeadHits:
-    # Normalised once, not per block; [class, layer*head, head_dim] float32 (+ the sums for
-    # loo) is 0.4 GB at 1000 classes and 28 x 28 x 128, so it travels once, by reference.
+    # Normalised once, not per block: the unit centroids (+ the sums for loo) are 0.4 GB of
+    # float32 at 1000 classes and 28 x 28 x 128, so they travel once, by reference.
     scoring = sums.scoring(method)
     total = reduce.HeadHits.zeros(sums.shape[:2])
     for p in _partials(ds, _hits_of_block, scoring=scoring, method=method).iter_rows():
