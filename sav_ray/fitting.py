@@ -3,8 +3,9 @@ reducer -> artifact.
 
 The model runs once per example. Everything after it is passes over the (materialised or
 saved) vectors dataset that keep only fixed-size state: per-class sums and counts, then
-per-head hit counts, then the top-k vote's hits. Each block returns a partial, the driver
-merges them, so memory does not grow with the number of examples.
+per-head hit counts, then the top-k vote's hits. Each block returns a partial, and they are
+merged one at a time, so memory does not grow with the number of examples. The class sums,
+which grow with the classes, are merged in a Ray actor (`sav_ray.remote_sums`), not the driver.
 
     artifact, stats = fit(FitConfig(model=..., train=..., output=...))
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from sav_ray.errors import ConfigError, quiet_ray_data_tracebacks
 from sav_ray.manifest import check_image_files, read_manifest, validate_for_fit
 from sav_ray.preprocess import preprocessing_applied
 from sav_ray.prompts import PromptConfig
+from sav_ray.remote_sums import RemoteClassSums, accumulate
 from sav_ray.resolution import NO_LIMITS, Preprocessing, nothing_applied
 
 VECTORS_META = "sav_vectors.json"  # sidecar: model, prompt, preprocessing, labels
@@ -125,10 +126,13 @@ def _label_index(labels: tuple[str, ...], values: np.ndarray) -> np.ndarray:
 
 
 def _sums_of_block(batch: dict[str, np.ndarray], labels: tuple[str, ...]) -> dict[str, np.ndarray]:
+    # Only the classes in this block: with many classes a row per label would make every
+    # block's partial (and the driver's traffic) as large as the whole label set's sums.
     part = reduce.ClassSums.from_batch(
-        labels, batch["vectors"], _label_index(labels, batch["label"])
+        labels, batch["vectors"], _label_index(labels, batch["label"]), present_only=True
     )
-    out = {"sums": part.sums[None], "counts": part.counts[None]}
+    out = {"present": part.present[None], "sums": part.sums[None], "counts": part.counts[None]}
+    # Small per-block columns beside the sums come back to the driver (`first_pass`).
     if "forward_rows" in batch:  # fresh from the model actors, not read back from Parquet
         out["forward_rows"] = np.array([batch["forward_rows"].sum()])
         out["model_info"] = np.array([json.dumps(sorted(set(batch["model_info"])))])
@@ -137,66 +141,70 @@ def _sums_of_block(batch: dict[str, np.ndarray], labels: tuple[str, ...]) -> dic
 
 
 def _hits_of_block(
-    batch: dict[str, np.ndarray], sums: reduce.ClassSums, method: str
+    batch: dict[str, np.ndarray], scoring: Any, method: str
 ) -> dict[str, np.ndarray]:
-    y = _label_index(sums.labels, batch["label"])
-    part = reduce.head_hits(batch["vectors"], y, sums, method)
+    import ray
+
+    centroids: reduce.ScoringCentroids = ray.get(scoring)  # zero-copy from the object store
+    y = _label_index(centroids.labels, batch["label"])
+    part = reduce.head_hits(batch["vectors"], y, centroids, method)
     return {"hits": part.hits[None], "n": np.array([part.n])}
 
 
 def _vote_hits_of_block(
-    batch: dict[str, np.ndarray], labels: tuple[str, ...], heads: np.ndarray, centroids: np.ndarray
+    batch: dict[str, np.ndarray], labels: tuple[str, ...], heads: np.ndarray, centroids: Any
 ) -> dict[str, np.ndarray]:
+    import ray
+
     y = _label_index(labels, batch["label"])
-    votes = reduce.classify(reduce.gather_heads(batch["vectors"], heads), centroids)
+    votes = reduce.classify(reduce.gather_heads(batch["vectors"], heads), ray.get(centroids))
     return {"correct": np.array([int((votes.label_idx == y).sum())]), "n": np.array([len(y)])}
 
 
-def _partials(ds: Any, fn: Any, **kwargs: Any) -> Iterator[dict[str, np.ndarray]]:
-    """One partial per block, computed where the block lives, streamed to the driver (which
-    merges them one at a time, so its memory does not grow with the number of blocks)."""
-    yield from ds.map_batches(fn, batch_size=None, fn_kwargs=kwargs, num_cpus=1).iter_rows()
+def _partials(ds: Any, fn: Any, **kwargs: Any) -> Any:
+    """A dataset of one partial per block, computed where the block lives, to be merged one
+    at a time (so memory does not grow with the number of blocks). Large kwargs go as
+    `ray.put` ObjectRefs, stored once and read by every task."""
+    return ds.map_batches(fn, batch_size=None, fn_kwargs=kwargs, num_cpus=1)
 
 
 def first_pass(
     ds: Any, labels: tuple[str, ...]
-) -> tuple[reduce.ClassSums, float, BaseModelInfo | None, list[dict[str, Any]]]:
-    """Class sums, the rows the model ran, the base model as the actors loaded it, and where
-    each actor ran (sav_ray.placement)."""
-    total: reduce.ClassSums | None = None
-    infos: set[str] = set()
-    placements: set[str] = set()
-    forward_rows = 0.0
-    for p in _partials(ds, _sums_of_block, labels=labels):
-        part = reduce.ClassSums(labels, p["sums"], p["counts"])
-        total = part if total is None else total.merge(part)
-        if "model_info" in p:
-            forward_rows += float(p["forward_rows"])
-            infos.update(json.loads(str(p["model_info"])))
-            placements.update(json.loads(str(p["placement"])))
-    assert total is not None, "the vectors dataset is empty"
+) -> tuple[RemoteClassSums, float, BaseModelInfo | None, list[dict[str, Any]]]:
+    """Class sums (held by a Ray actor), the rows the model ran, the base model as the
+    actors loaded it, and where each actor ran (sav_ray.placement)."""
+    sums, small = accumulate(labels, _partials(ds, _sums_of_block, labels=labels))
+    # small: column -> one value per block (absent for saved vectors: no model ran)
+    forward_rows = float(sum(small.get("forward_rows", [])))
+    infos = {info for block in small.get("model_info", []) for info in json.loads(block)}
     if len(infos) > 1:
         raise RuntimeError(f"model actors disagree on the base model: {sorted(infos)}")
     info = BaseModelInfo.from_dict(json.loads(infos.pop())) if infos else None
-    return total, forward_rows, info, sorted((json.loads(p) for p in placements), key=str)
+    placements = {p for block in small.get("placement", []) for p in json.loads(block)}
+    return sums, forward_rows, info, sorted((json.loads(p) for p in placements), key=str)
 
 
-def head_hits(ds: Any, sums: reduce.ClassSums, method: str) -> reduce.HeadHits:
+def head_hits(ds: Any, sums: RemoteClassSums, method: str) -> reduce.HeadHits:
+    # Normalised once, not per block: the unit centroids (+ the sums for loo) are 0.4 GB of
+    # float32 at 1000 classes and 28 x 28 x 128, so they travel once, by reference.
+    scoring = sums.scoring(method)
     total = reduce.HeadHits.zeros(sums.shape[:2])
-    for p in _partials(ds, _hits_of_block, sums=sums, method=method):
+    for p in _partials(ds, _hits_of_block, scoring=scoring, method=method).iter_rows():
         total = total.merge(reduce.HeadHits(p["hits"], int(p["n"])))
     return total
 
 
 def vote_accuracy(ds: Any, artifact: SavArtifact) -> float:
+    import ray
+
     correct = n = 0
     for p in _partials(
         ds,
         _vote_hits_of_block,
         labels=tuple(artifact.labels),
         heads=artifact.heads,
-        centroids=artifact.centroids,
-    ):
+        centroids=ray.put(artifact.centroids),
+    ).iter_rows():
         correct, n = correct + int(p["correct"]), n + int(p["n"])
     return correct / n
 
@@ -258,7 +266,7 @@ def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
         write_vectors(ds, cfg.save_vectors, meta)
     scores = head_hits(ds, sums, cfg.selection).scores()  # [layer, head]
     heads = reduce.select_heads(scores, cfg.num_heads)  # [k, 2]
-    centroids = reduce.gather_heads(sums.centroids(), heads)  # [class, k, head_dim]
+    centroids = sums.centroids(heads)  # [class, k, head_dim]
     artifact = SavArtifact(
         labels=list(labels),
         heads=heads,

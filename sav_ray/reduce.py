@@ -2,7 +2,10 @@
 
 Pipeline (DESIGN.md "Selection and voting"):
   1. `ClassSums.from_batch` per batch of vectors, `merge` the partials (any order) -> `centroids()`.
-  2. `head_hits` per batch against the merged sums, `merge` the partials -> `scores()`.
+     With `present_only=True` a batch's partial holds only the classes in it, so its size does
+     not grow with the label set; `add` accumulates such partials into one total in place.
+  2. `head_hits` per batch against the merged sums (or the `ScoringCentroids` built from them
+     once and shared by every batch), `merge` the partials -> `scores()`.
   3. `select_heads(scores, k)`: higher score first, ties to the lower (layer, head).
   4. At inference: `classify(gather_heads(x, heads), centroids)`: each head votes for its
      nearest centroid; most votes wins; a tie goes to the tied class the highest-ranked head chose.
@@ -21,6 +24,7 @@ SELECTION_METHODS = ("paper", "loo")
 
 # Size of one float64 array of a `head_hits` chunk; a chunk holds a few such arrays at once.
 _CHUNK_BYTES = 32 * 2**20
+_CHUNK_ROWS = 256  # `head_hits` rows at a time: the unit centroids are read once per chunk
 
 
 class ReduceError(ValueError):
@@ -46,20 +50,51 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
 
 
+def _require_count(labels: tuple[str, ...], counts: np.ndarray, minimum: int, why: str) -> None:
+    for label, count in zip(labels, counts, strict=True):
+        if count < minimum:
+            examples = "example" if count == 1 else "examples"
+            raise ReduceError(
+                f"class {label!r} has {count} {examples}; {why} needs at "
+                f"least {minimum} per class: add examples of {label!r} or drop the label"
+            )
+
+
+def require_examples(labels: tuple[str, ...], counts: np.ndarray, method: str | None) -> None:
+    """Every class has what a centroid (`method` None) or `method` selection needs: one
+    example, two for `loo` (its centroid without the example itself)."""
+    if method is None:
+        _require_count(labels, counts, 1, "a centroid")
+    else:
+        _check_method(method)
+        _require_count(labels, counts, 2 if method == "loo" else 1, f"{method} selection")
+
+
 @dataclass(eq=False)
 class ClassSums:
-    """Per-class sums and counts of head vectors: mergeable partials, the reducer's only state."""
+    """Per-class sums and counts of head vectors: mergeable partials, the reducer's only state.
+
+    `present` None: a row per label. Otherwise the ascending label indices the rows are for
+    (a batch's partial sized by the classes in it, not by the label set).
+    """
 
     labels: tuple[str, ...]  # class order
-    sums: np.ndarray  # [class, layer, head, head_dim] float64
+    sums: np.ndarray  # [class, layer, head, head_dim] float64 (class: all, or `present`)
     counts: np.ndarray  # [class] int64
+    present: np.ndarray | None = None  # [present] int64 label indices, ascending
 
     def __post_init__(self) -> None:
         self.labels = tuple(self.labels)
         if len(set(self.labels)) != len(self.labels):
             raise ReduceError(f"labels must be distinct; got {list(self.labels)}")
-        assert self.sums.ndim == 4 and self.sums.shape[0] == len(self.labels), self.sums.shape
-        assert self.counts.shape == (len(self.labels),), self.counts.shape
+        rows = len(self.labels)
+        if self.present is not None:
+            self.present = np.asarray(self.present, dtype=np.int64)
+            rows = len(self.present)
+            assert (np.diff(self.present) > 0).all(), self.present
+            assert not rows or 0 <= self.present[0] <= self.present[-1] < len(self.labels)
+        assert self.sums.ndim == 4 and self.sums.shape[0] == rows, self.sums.shape
+        assert self.counts.shape == (rows,), self.counts.shape
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -67,53 +102,123 @@ class ClassSums:
         return tuple(self.sums.shape[1:])
 
     @classmethod
-    def zeros(cls, labels, shape: tuple[int, int, int]) -> ClassSums:
+    def zeros(cls, labels, shape: tuple[int, int, int], present=None) -> ClassSums:
         labels = tuple(labels)
+        rows = len(labels) if present is None else len(present)
         return cls(
             labels,
-            np.zeros((len(labels), *shape), dtype=np.float64),
-            np.zeros(len(labels), dtype=np.int64),
+            np.zeros((rows, *shape), dtype=np.float64),
+            np.zeros(rows, dtype=np.int64),
+            present,
         )
 
     @classmethod
-    def from_batch(cls, labels, vectors: np.ndarray, label_idx: np.ndarray) -> ClassSums:
-        """vectors [n, layer, head, head_dim] (any float dtype), label_idx [n] indices into labels."""
+    def from_batch(
+        cls, labels, vectors: np.ndarray, label_idx: np.ndarray, present_only: bool = False
+    ) -> ClassSums:
+        """vectors [n, layer, head, head_dim] (any float dtype), label_idx [n] indices into labels.
+
+        `present_only`: rows only for the classes in the batch (its size then depends on those
+        alone); otherwise a row per label.
+        """
         vectors = np.asarray(vectors)
         if vectors.ndim != 4:
             raise ReduceError(f"vectors must be [n, layer, head, head_dim]; got {vectors.shape}")
-        out = cls.zeros(labels, vectors.shape[1:])
-        label_idx = _check_label_idx(label_idx, len(vectors), len(out.labels))
-        for c in np.unique(label_idx):
+        labels = tuple(labels)
+        label_idx = _check_label_idx(label_idx, len(vectors), len(labels))
+        classes = np.unique(label_idx)  # [present]
+        out = cls.zeros(labels, vectors.shape[1:], classes if present_only else None)
+        for row, c in enumerate(classes):
+            at = row if present_only else c
             rows = vectors[label_idx == c]  # [n_c, layer, head, head_dim]
-            out.sums[c] = rows.sum(axis=0, dtype=np.float64)
-            out.counts[c] = len(rows)
+            out.sums[at] = rows.sum(axis=0, dtype=np.float64)
+            out.counts[at] = len(rows)
         return out
 
-    def merge(self, other: ClassSums) -> ClassSums:
+    def _check_mergeable(self, other: ClassSums) -> None:
         if self.labels != other.labels:
             raise ReduceError(
                 f"cannot merge class sums with different labels: {self.labels} vs {other.labels}"
             )
-        if self.sums.shape != other.sums.shape:
+        if self.shape != other.shape:
             raise ReduceError(
                 f"cannot merge class sums of shape {self.sums.shape} and {other.sums.shape}: "
                 "vectors from different models or layers"
             )
-        return ClassSums(self.labels, self.sums + other.sums, self.counts + other.counts)
 
-    def _require_count(self, minimum: int, why: str) -> None:
-        for label, count in zip(self.labels, self.counts, strict=True):
-            if count < minimum:
-                examples = "example" if count == 1 else "examples"
-                raise ReduceError(
-                    f"class {label!r} has {count} {examples}; {why} needs at "
-                    f"least {minimum} per class: add examples of {label!r} or drop the label"
-                )
+    def merge(self, other: ClassSums) -> ClassSums:
+        """A new ClassSums: a row per label if either has one, else the union of their classes."""
+        self._check_mergeable(other)
+        if self.present is None and other.present is None:
+            return ClassSums(self.labels, self.sums + other.sums, self.counts + other.counts)
+        present = (
+            None
+            if self.present is None or other.present is None
+            else np.union1d(self.present, other.present)
+        )
+        return ClassSums.zeros(self.labels, self.shape, present).add(self).add(other)
 
-    def centroids(self) -> np.ndarray:
-        """Class means [class, layer, head, head_dim] float32."""
-        self._require_count(1, "a centroid")
-        return (self.sums / self.counts[:, None, None, None]).astype(np.float32)
+    def add(self, other: ClassSums) -> ClassSums:
+        """Add `other` into this one in place (one class row at a time: no copy of the total);
+        its classes must be among this one's. Returns self."""
+        self._check_mergeable(other)
+        theirs = np.arange(len(self.labels)) if other.present is None else other.present
+        if self.present is None:
+            rows = theirs
+        else:
+            rows = np.searchsorted(self.present, theirs)
+            if not np.array_equal(self.present[np.minimum(rows, len(self.present) - 1)], theirs):
+                raise ReduceError("cannot add class sums whose classes are not among these")
+        for mine, row in enumerate(rows.tolist()):
+            self.sums[row] += other.sums[mine]
+        self.counts[rows] += other.counts
+        return self
+
+    def _require_examples(self, method: str | None) -> None:
+        if self.present is not None:
+            why = "a centroid" if method is None else f"{method} selection"
+            raise ReduceError(f"{why} needs a row per label; merge the partials into a total")
+        require_examples(self.labels, self.counts, method)
+
+    def centroids(self, heads: np.ndarray | None = None) -> np.ndarray:
+        """Class means [class, layer, head, head_dim] float32; given heads [k, 2] (layer, head),
+        only theirs, [class, k, head_dim] (the same values, without a mean of every head)."""
+        self._require_examples(None)
+        sums = self.sums if heads is None else gather_heads(self.sums, heads)
+        counts = self.counts.reshape(-1, *[1] * (sums.ndim - 1))  # [class, 1, ...]
+        return (sums / counts).astype(np.float32)
+
+
+@dataclass(eq=False)
+class ScoringCentroids:
+    """What head scoring compares examples with, built once from the merged class sums and
+    shared by every batch: unit class means, and for `loo` the class sums themselves."""
+
+    labels: tuple[str, ...]
+    counts: np.ndarray  # [class] int64
+    unit: np.ndarray  # [layer*head, head_dim, class] float32 unit class means, one matrix a head
+    shape: tuple[int, int, int]  # (layer, head, head_dim)
+    sums: np.ndarray | None = None  # [class, layer*head, head_dim] float64; `loo` needs them
+
+    @classmethod
+    def of(cls, sums: ClassSums, method: str, class_chunk: int = 64) -> ScoringCentroids:
+        """`class_chunk` classes are normalised at a time, so no float64 copy of all the sums
+        is made; each class's unit vector is the same as normalising all at once."""
+        sums._require_examples(method)
+        num_layers, num_heads, head_dim = sums.shape
+        class_sums = sums.sums.reshape(len(sums.labels), -1, head_dim)  # [class, l*h, head_dim]
+        # [layer*head, head_dim, class]: each head's centroids a contiguous matrix for the products
+        unit = np.empty(class_sums.shape[1:] + class_sums.shape[:1], dtype=np.float32)
+        for start in range(0, len(class_sums), class_chunk):
+            chunk = _unit(class_sums[start : start + class_chunk])  # [chunk, l*h, head_dim]
+            unit[:, :, start : start + class_chunk] = chunk.transpose(1, 2, 0)
+        return cls(
+            sums.labels,
+            sums.counts,
+            unit,
+            sums.shape,
+            class_sums if method == "loo" else None,
+        )
 
 
 @dataclass(eq=False)
@@ -139,10 +244,15 @@ class HeadHits:
         return self.hits / self.n
 
 
+def _check_method(method: str) -> None:
+    if method not in SELECTION_METHODS:
+        raise ReduceError(f"unknown selection method {method!r}; choose one of {SELECTION_METHODS}")
+
+
 def head_hits(
     vectors: np.ndarray,
     label_idx: np.ndarray,
-    sums: ClassSums,
+    sums: ClassSums | ScoringCentroids,
     method: str,
     chunk_size: int | None = None,
 ) -> HeadHits:
@@ -150,10 +260,12 @@ def head_hits(
 
     vectors [n, layer, head, head_dim] must be examples already counted in `sums` (for `loo`,
     each is removed from its own class sum). Sums stand in for means: cosine ignores scale.
-    `chunk_size` rows are processed at a time (default: about 32 MiB per float64 array).
+    Given `ScoringCentroids.of(sums, method)`, the centroids are not normalised again per batch.
+    `chunk_size` rows are processed at a time (default 256), in groups of heads of about
+    32 MiB per float64 array: with many classes, a chunk of few rows would read every head's
+    centroids (0.4 GB at 1000 classes x 28 x 28 x 128) for only those rows.
     """
-    if method not in SELECTION_METHODS:
-        raise ReduceError(f"unknown selection method {method!r}; choose one of {SELECTION_METHODS}")
+    _check_method(method)
     vectors = np.asarray(vectors)
     if vectors.ndim != 4 or vectors.shape[1:] != sums.shape:
         raise ReduceError(
@@ -162,32 +274,39 @@ def head_hits(
         )
     num_classes = len(sums.labels)
     label_idx = _check_label_idx(label_idx, len(vectors), num_classes)
-    sums._require_count(2 if method == "loo" else 1, f"{method} selection")
+    if isinstance(sums, ScoringCentroids):
+        require_examples(sums.labels, sums.counts, method)
+        if method == "loo" and sums.sums is None:
+            raise ReduceError("loo selection needs ScoringCentroids.of(sums, 'loo')")
+        scoring = sums
+    else:
+        scoring = ScoringCentroids.of(sums, method)
 
     n, num_layers, num_heads, head_dim = vectors.shape
     lh = num_layers * num_heads
-    class_sums = sums.sums.reshape(num_classes, lh, head_dim)  # [class, layer*head, head_dim]
+    class_sums = scoring.sums  # [class, layer*head, head_dim] float64 (loo only)
     # The nearest centroid by cosine does not depend on the example's own length, so examples
     # are not normalised: float32 products against unit centroids (6x faster than float64
     # cosines, same argmax up to float32 rounding of near-exact ties).
-    unit_sums = (
-        _unit(class_sums).transpose(1, 2, 0).astype(np.float32)
-    )  # [layer*head, head_dim, class]
-    if chunk_size is None:
-        chunk_size = max(1, _CHUNK_BYTES // (8 * lh * max(head_dim, num_classes)))
+    unit_sums = scoring.unit  # [layer*head, head_dim, class]
+    chunk_size = chunk_size or _CHUNK_ROWS
     assert chunk_size >= 1, chunk_size
 
     hits = np.zeros(lh, dtype=np.int64)
     for start in range(0, n, chunk_size):
-        # [b, layer*head, head_dim]
-        x = vectors[start : start + chunk_size].reshape(-1, lh, head_dim).astype(np.float32)
+        rows = vectors[start : start + chunk_size].reshape(-1, lh, head_dim)  # [b, l*h, head_dim]
         y = label_idx[start : start + chunk_size]  # [b]
-        sims = x.transpose(1, 0, 2) @ unit_sums  # [layer*head, b, class]
-        if method == "loo":
-            own = _unit(class_sums[y] - x).astype(np.float32)  # [b, layer*head, head_dim]
-            sims[:, np.arange(len(y)), y] = np.einsum("bhd,bhd->hb", x, own)
-        nearest = sims.argmax(axis=-1)  # [layer*head, b]; first maximum = lowest class index
-        hits += (nearest == y).sum(axis=1)
+        step = max(1, _CHUNK_BYTES // (8 * len(y) * max(head_dim, num_classes)))  # heads
+        for first in range(0, lh, step):
+            h = slice(first, first + step)
+            x = np.ascontiguousarray(rows[:, h].transpose(1, 0, 2), dtype=np.float32)
+            sims = x @ unit_sums[h]  # [heads, b, class]
+            if method == "loo":
+                # [b, heads, head_dim]
+                own = _unit(class_sums[y, h] - x.transpose(1, 0, 2)).astype(np.float32)
+                sims[:, np.arange(len(y)), y] = np.einsum("hbd,bhd->hb", x, own)
+            nearest = sims.argmax(axis=-1)  # [heads, b]; first maximum = lowest class index
+            hits[h] += (nearest == y).sum(axis=1)
     return HeadHits(hits.reshape(num_layers, num_heads), n)
 
 

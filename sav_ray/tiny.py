@@ -101,7 +101,7 @@ def build_tiny_model(
 ) -> Path:
     """Build a tiny `arch` model with its processor and save both to `out_dir`.
 
-    `dtype` is the dtype of the saved weights (the model is built in float32 either way).
+    `dtype`: the weights' dtype, built and saved (bfloat16 halves the memory of a 7B build).
     """
     model, processor = tiny_model_and_processor(
         arch,
@@ -113,10 +113,11 @@ def build_tiny_model(
         vocab_size=vocab_size,
         intermediate_size=intermediate_size,
         text_config=text_config,
+        dtype=dtype,
         seed=seed,
     )
     out_dir = Path(out_dir)
-    model.to(dtype).save_pretrained(out_dir)
+    model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
 
@@ -132,9 +133,10 @@ def tiny_model_and_processor(
     vocab_size: int = 512,
     intermediate_size: int | None = None,
     text_config: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """The model (float32, eval mode) and processor that `build_tiny_model` saves.
+    """The model (`dtype`, eval mode) and processor that `build_tiny_model` saves.
 
     `intermediate_size` defaults to 2 * hidden_size. `text_config` adds or overrides text
     config fields (e.g. a real checkpoint's `rope_parameters`, `rms_norm_eps`).
@@ -177,7 +179,7 @@ def tiny_model_and_processor(
 
     with torch.random.fork_rng(devices=[]):  # seed the weights, not the caller's generator
         torch.manual_seed(seed)
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     model.eval()
     return model, processor
 
