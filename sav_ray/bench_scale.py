@@ -122,7 +122,7 @@ def run_case(case: ScaleCase) -> dict[str, float]:
     with PeakRss() as rss:
         baseline = rss.peak
         started = time.perf_counter()
-        sums, _, _ = first_pass(ds, case.labels)
+        sums = first_pass(ds, case.labels).sums
         first_seconds = time.perf_counter() - started
         scores = head_hits(ds, sums, "paper").scores()  # [layer, head]
         heads = reduce.select_heads(scores, case.num_heads)  # [k, 2]

@@ -258,7 +258,8 @@ def all_heads_centroids(
         ds = fitting.vectors_dataset(
             train_table, model, artifact.prompt, "float32", artifact.preprocessing
         )
-    sums, _, info, _ = fitting.first_pass(ds, labels)
+    first = fitting.first_pass(ds, labels)
+    sums, info = first.sums, first.info
     if info is not None:
         artifact.base_model.check_compatible(info)
     return sums.centroids()  # [class, layer, head, head_dim]

@@ -168,11 +168,18 @@ def _partials(ds: Any, fn: Any, **kwargs: Any) -> Any:
     return ds.map_batches(fn, batch_size=None, fn_kwargs=kwargs, num_cpus=1)
 
 
-def first_pass(
-    ds: Any, labels: tuple[str, ...]
-) -> tuple[RemoteClassSums, float, BaseModelInfo | None, list[dict[str, Any]]]:
-    """Class sums (held by a Ray actor), the rows the model ran, the base model as the
-    actors loaded it, and where each actor ran (sav_ray.placement)."""
+@dataclass
+class FirstPass:
+    """What the first pass over the vectors gives the driver."""
+
+    sums: RemoteClassSums  # the class sums, held by a Ray actor
+    forward_rows: float  # rows the model ran (0 for saved vectors)
+    info: BaseModelInfo | None  # the base model as the actors loaded it (None: saved vectors)
+    placements: list[dict[str, Any]]  # where each model actor ran (sav_ray.placement)
+
+
+def first_pass(ds: Any, labels: tuple[str, ...]) -> FirstPass:
+    """Class sums, and the small facts the model actors sent beside the vectors."""
     sums, small = accumulate(labels, _partials(ds, _sums_of_block, labels=labels))
     # small: column -> one value per block (absent for saved vectors: no model ran)
     forward_rows = float(sum(small.get("forward_rows", [])))
@@ -181,7 +188,7 @@ def first_pass(
         raise RuntimeError(f"model actors disagree on the base model: {sorted(infos)}")
     info = BaseModelInfo.from_dict(json.loads(infos.pop())) if infos else None
     placements = {p for block in small.get("placement", []) for p in json.loads(block)}
-    return sums, forward_rows, info, sorted((json.loads(p) for p in placements), key=str)
+    return FirstPass(sums, forward_rows, info, sorted((json.loads(p) for p in placements), key=str))
 
 
 def head_hits(ds: Any, sums: RemoteClassSums, method: str) -> reduce.HeadHits:
@@ -253,8 +260,8 @@ def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
         init_ray()  # only once the manifest is known to be good
         ds = vectors_dataset(table, cfg, prompt, cfg.vectors_dtype, prep).materialize()
     extract_seconds = 0.0 if cfg.from_vectors else time.perf_counter() - started
-    sums, forward_rows, actors_info, placements = first_pass(ds, labels)
-    info = actors_info or info
+    first = first_pass(ds, labels)
+    sums, info = first.sums, first.info or info
     if cfg.save_vectors:  # before selection: a bad --num-heads must not cost the model pass
         meta = {
             "labels": list(labels),
@@ -285,10 +292,10 @@ def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
     )
     stats = FitStats(
         examples=int(sums.counts.sum()),
-        forward_rows=forward_rows,
+        forward_rows=first.forward_rows,
         train_accuracy=vote_accuracy(ds, artifact),
         wall_seconds=time.perf_counter() - started,
         extract_seconds=extract_seconds,
-        placements=placements,
+        placements=first.placements,
     )
     return artifact, stats

@@ -73,7 +73,8 @@ def test_ray_reducer_matches_the_in_process_reducer(local_ray, method):
     items = [{"vectors": v, "label": labels[c]} for v, c in zip(x, y, strict=True)]
     ds = local_ray.data.from_items(items, override_num_blocks=6).materialize()
 
-    sums, forward_rows, info = first_pass(ds, labels)  # the total is held by a Ray actor
+    first = first_pass(ds, labels)
+    sums, forward_rows, info = first.sums, first.forward_rows, first.info  # sums: a Ray actor's
     expected = reduce.ClassSums.from_batch(labels, x, y)
     np.testing.assert_array_equal(sums.counts, expected.counts)
     assert sums.shape == SHAPE
