@@ -44,9 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from sav_ray import bench, bench_serving, geometries, tracking  # noqa: E402
+from sav_ray import bench, bench_preprocess, bench_serving, geometries, tracking  # noqa: E402
 from sav_ray.artifact import write_artifact  # noqa: E402
-from sav_ray.config import FitConfig  # noqa: E402
+from sav_ray.config import FitConfig, ModelConfig  # noqa: E402
 from sav_ray.demo_data import make_dataset  # noqa: E402
 from sav_ray.errors import ConfigError, job_main  # noqa: E402
 from sav_ray.fitting import fit, init_ray  # noqa: E402
@@ -228,6 +228,12 @@ def run_benchmark(
     )
     rows.append(row)
     rows.append(bench.fit_throughput(fit_rates, args.batch_size))
+    actor = ModelConfig(
+        model=str(model_dir), dtype=args.dtype, batch_size=args.batch_size,
+        gpus_per_actor=1.0 if device.startswith("cuda") else 0.0,
+    )  # fmt: skip
+    rows.append(bench_preprocess.forward_share(actor, str(data["train"])))
+    rows.append(bench_preprocess.visual_tokens())
     rows.append(
         bench.utilisation(
             lm, throughput_examples, prompt, timings.wall["batched"], fit_rates[args.batch_size]

@@ -25,6 +25,8 @@ ROW_KEYS = [
     "forward_passes_per_example",
     "batch_throughput",
     "fit_examples_per_s",
+    "actor_forward_share",
+    "visual_tokens_limited",
     "mfu",
     "reference_ratio",
     "reducer_speedup",
