@@ -155,3 +155,35 @@ def demo_sav(demo_model_dir, small_data, tmp_path_factory):
     )
     out = tmp_path_factory.mktemp("demo_sav") / "sav"
     return lm, out, write_artifact(artifact, out)
+
+
+def _o_proj_identity(lm, inputs):
+    """Capture `inputs` while hooks record every o_proj's output; assert that o_proj of each
+    captured last-token vector equals that output at the last real token. Returns the vectors."""
+    import torch
+
+    from sav_ray.capture import capture_inputs, last_token_positions
+
+    outputs: dict[int, torch.Tensor] = {}  # layer -> [batch, seq, hidden]
+    handles = [
+        o.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
+        for i, o in enumerate(lm.layout.o_projs)
+    ]
+    try:
+        vectors = capture_inputs(lm, inputs)  # [batch, layer, head, head_dim]
+    finally:
+        for h in handles:
+            h.remove()
+    positions = last_token_positions(inputs["attention_mask"])  # [batch]
+    rows = torch.arange(len(positions))
+    for layer, o_proj in enumerate(lm.layout.o_projs):
+        rebuilt = o_proj(vectors[:, layer].reshape(len(rows), -1))  # [batch, hidden]
+        own = outputs[layer][rows, positions]  # [batch, hidden]
+        torch.testing.assert_close(rebuilt, own, atol=1e-5, rtol=0)
+    return vectors
+
+
+@pytest.fixture(scope="session")
+def o_proj_identity():
+    """(lm, inputs) -> vectors, asserting o_proj(captured vector) == o_proj's own output."""
+    return _o_proj_identity
