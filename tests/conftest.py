@@ -187,3 +187,36 @@ def _o_proj_identity(lm, inputs):
 def o_proj_identity():
     """(lm, inputs) -> vectors, asserting o_proj(captured vector) == o_proj's own output."""
     return _o_proj_identity
+
+
+def _fit_job_in_fresh_ray(args, timeout):
+    """Run `jobs/fit.py ARGS` as a subprocess with no RAY_ADDRESS and its own RAY_TMPDIR.
+    Returns (completed process, names in RAY_TMPDIR/ray, or None where Ray made no folder)."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short: Ray's socket paths
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(root / "jobs" / "fit.py"), *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**env, "RAY_TMPDIR": str(ray_tmp)},
+        )
+        ray_dir = ray_tmp / "ray"
+        return proc, sorted(p.name for p in ray_dir.iterdir()) if ray_dir.exists() else None
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def fit_job_in_fresh_ray():
+    """(args, timeout) -> (process, Ray's temp folder listing or None): jobs/fit.py in a
+    subprocess with a Ray temp dir of its own."""
+    return _fit_job_in_fresh_ray

@@ -3,12 +3,9 @@ flag named, each actor on the GPU Ray assigned it, and an actor's error as one l
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -147,33 +144,14 @@ def test_an_error_inside_an_actor_is_one_line_with_a_log(
     assert "ActorDiedError" not in line  # the constructor's own exception, not Ray's wrapper
 
 
-def test_a_gpu_request_on_a_cpu_cluster_fails_at_once(demo_model_dir, small_data, tmp_path):
+def test_a_gpu_request_on_a_cpu_cluster_fails_at_once(
+    demo_model_dir, small_data, tmp_path, fit_job_in_fresh_ray
+):
     """Ray would wait forever for the GPU; the job exits 2 naming the flag."""
-    ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short: Ray's socket paths
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    try:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "jobs" / "fit.py"),
-                "--model",
-                str(demo_model_dir),
-                "--train",
-                str(small_data["train"]),
-                "--output",
-                str(tmp_path / "sav"),
-                "--gpus-per-actor",
-                "1",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**env, "RAY_TMPDIR": str(ray_tmp)},
-        )
-        # Ray did start, in RAY_TMPDIR: test_preflight relies on it to see that it did not.
-        assert any((ray_tmp / "ray").glob("session_*"))
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    args = ["--model", demo_model_dir, "--train", small_data["train"], "--output", tmp_path / "sav"]
+    proc, ray_dir = fit_job_in_fresh_ray([*args, "--gpus-per-actor", "1"], timeout=60)
+    # Ray did start, in RAY_TMPDIR: test_preflight relies on it to see that it did not.
+    assert any(name.startswith("session_") for name in ray_dir or [])
     assert proc.returncode == 2, proc.stderr[-2000:]
     [line] = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert "--gpus-per-actor 1" in line and "no GPU" in line

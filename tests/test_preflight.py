@@ -4,11 +4,7 @@ starts; every problem is one line naming the flag, exit 2."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -125,31 +121,14 @@ def test_a_template_that_fails_on_the_first_row_names_the_row(demo_model_dir, tm
 
 
 @pytest.mark.parametrize("case", ["layout", "no_processor"])
-def test_the_job_stops_before_ray_starts(bad_models, small_data, tmp_path, case):
+def test_the_job_stops_before_ray_starts(
+    bad_models, small_data, tmp_path, case, fit_job_in_fresh_ray
+):
     folder, words = bad_models[case]
-    ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # where Ray would put a session
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    try:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "jobs" / "fit.py"),
-                "--model",
-                str(folder),
-                "--train",
-                str(small_data["train"]),
-                "--output",
-                str(tmp_path / "sav"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**env, "RAY_TMPDIR": str(ray_tmp)},
-        )
-        # Ray honours RAY_TMPDIR (test_placement sees a session there when a job starts Ray).
-        assert not (ray_tmp / "ray").exists()
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    args = ["--model", folder, "--train", small_data["train"], "--output", tmp_path / "sav"]
+    proc, ray_dir = fit_job_in_fresh_ray(args, timeout=120)
+    # Ray honours RAY_TMPDIR (test_placement sees a session there when a job starts Ray).
+    assert ray_dir is None
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert 1 <= len(lines) <= 5, proc.stderr
