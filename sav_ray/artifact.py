@@ -8,7 +8,8 @@ An artifact is a directory holding
 `sav.json` is validated against `artifacts_schema/sav.schema.json`; checks that span fields
 (shapes against labels, heads within the model's geometry) are made here. No pickle anywhere:
 tensors go through safetensors, the rest through JSON. Schema version 2 added `preprocessing`
-(image resolution limits); a version-1 artifact loads with the processor's defaults.
+(image resolution limits); a version-1 artifact loads with the processor's defaults. Version 3
+adds optional fields (model families, text-only base models, video); versions 1 and 2 load.
 
     art = write_artifact(SavArtifact(...), "out/my_sav")     # atomic: all files or nothing
     art = load_artifact("out/my_sav", expect=model_info)     # verifies schema, hashes, geometry
@@ -36,8 +37,8 @@ from sav_ray import __version__
 from sav_ray.prompts import PromptConfig
 from sav_ray.resolution import Preprocessing, nothing_applied
 
-SCHEMA_VERSION = 2
-SUPPORTED_SCHEMA_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3)
 ARTIFACT_FILE = "sav.json"
 CENTROIDS_FILE = "centroids.safetensors"
 HEAD_SCORES_FILE = "head_scores.safetensors"
