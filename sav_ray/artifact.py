@@ -62,9 +62,32 @@ class BaseModelInfo:
     num_heads: int
     head_dim: int
     dtype: str  # "float32", "bfloat16", ...
+    # The inputs its processor takes; a text LLM's is ("text",). Artifacts from before schema
+    # version 3 have none recorded: every base model then was a vision-language model.
+    modalities: tuple[str, ...] = ("text", "image")
+    # The decoder layer each head layer index refers to, where some decoder layers have no
+    # self-attention (Mllama's cross-attention layers); None: layer i is decoder layer i.
+    layer_ids: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = {**dataclasses.asdict(self), "modalities": list(self.modalities)}
+        if self.layer_ids is None:
+            del d["layer_ids"]  # absent means the identity (schema_version 3)
+        else:
+            d["layer_ids"] = list(self.layer_ids)
+        return d
+
+    @property
+    def takes_images(self) -> bool:
+        return "image" in self.modalities
+
+    @property
+    def text_only_reason(self) -> str:
+        """Why an input with images is refused, for a text-only base model's messages."""
+        return (
+            f"the base model {self.name_or_path} takes text only (its checkpoint has a "
+            "tokenizer and no image processor)"
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BaseModelInfo:
@@ -76,7 +99,14 @@ class BaseModelInfo:
             num_heads=int(d["num_heads"]),
             head_dim=int(d["head_dim"]),
             dtype=d["dtype"],
+            modalities=tuple(d.get("modalities", ("text", "image"))),
+            layer_ids=tuple(int(i) for i in d["layer_ids"]) if "layer_ids" in d else None,
         )
+
+    @property
+    def decoder_layers(self) -> tuple[int, ...]:
+        """The decoder layer of each head layer index: [num_layers]."""
+        return self.layer_ids if self.layer_ids is not None else tuple(range(self.num_layers))
 
     def describe(self) -> str:
         return (
@@ -97,6 +127,11 @@ class BaseModelInfo:
             for name in ("architecture", "num_layers", "num_heads", "head_dim")
             if getattr(self, name) != getattr(other, name)
         ]
+        if self.decoder_layers != other.decoder_layers:
+            diffs.append(
+                f"head layers are decoder layers {list(self.decoder_layers)} != "
+                f"{list(other.decoder_layers)}"
+            )
         if self.revision is not None and other.revision is not None:
             if self.revision != other.revision:
                 diffs.append(f"revision {self.revision!r} != {other.revision!r}")
@@ -417,6 +452,11 @@ def _validate_doc(doc: dict[str, Any], where: str) -> None:
                 f"heads[{i}] = [{layer}, {head}] is outside the base model's "
                 f"{model['num_layers']} layers x {model['num_heads']} heads"
             )
+    layer_ids = model.get("layer_ids")
+    if layer_ids is not None and len(layer_ids) != model["num_layers"]:
+        problems.append(
+            f"base_model.layer_ids has {len(layer_ids)} entries for {model['num_layers']} layers"
+        )
     if selection["k"] != len(heads):
         problems.append(f"selection.k is {selection['k']} but there are {len(heads)} heads")
     scores = selection["scores"]

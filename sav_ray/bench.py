@@ -40,7 +40,7 @@ from sav_ray.artifact import BaseModelInfo, SavArtifact, Selection
 from sav_ray.capture import capture_examples, capture_inputs
 from sav_ray.classify import needed_layers, predict_examples
 from sav_ray.images import load_image
-from sav_ray.models import LoadedModel
+from sav_ray.models import LoadedModel, decoder_layers
 from sav_ray.prompts import Example, PromptConfig, encode
 
 _COMPARE = {
@@ -419,7 +419,7 @@ def fit_throughput(fit_rates: dict[int, float], batch_size: int) -> Row:
 def decoder_parameters(lm: LoadedModel, layers: int | None = None) -> int:
     """Parameters of the first `layers` decoder layers (all by default): the weights each
     prompt token passes through (embeddings, vision tower and LM head left out)."""
-    decoder = lm.model.get_decoder().layers
+    decoder = decoder_layers(lm.model)
     return sum(p.numel() for layer in list(decoder)[:layers] for p in layer.parameters())
 
 

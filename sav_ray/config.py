@@ -15,7 +15,7 @@ from sav_ray.manifest import ManifestFields
 from sav_ray.placement import AUTO
 from sav_ray.prompts import PromptConfig
 from sav_ray.reduce import SELECTION_METHODS
-from sav_ray.resolution import Preprocessing
+from sav_ray.resolution import DEFAULT_VIDEO_FRAMES, Preprocessing
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,11 @@ class FitConfig(ModelConfig):
     text_field: str = "question"
     label_field: str = "label"
     id_field: str | None = None
+    video_field: str | None = None  # None: the field `video`, where the manifest has it
+    video_frames: int = DEFAULT_VIDEO_FRAMES
     text_template: str = "{text}"
     system_prompt: str | None = None
+    chat_template: str | None = None  # a Jinja file, for checkpoints that have no chat template
     min_image_pixels: int | None = None
     max_image_pixels: int | None = None
     overwrite: bool = False
@@ -64,17 +67,27 @@ class FitConfig(ModelConfig):
     @property
     def manifest_fields(self) -> ManifestFields:
         return ManifestFields.from_flags(
-            image=self.image_field, text=self.text_field, label=self.label_field, id=self.id_field
+            image=self.image_field,
+            text=self.text_field,
+            label=self.label_field,
+            id=self.id_field,
+            video=self.video_field,
         )
 
     @property
     def prompt(self) -> PromptConfig:
-        return PromptConfig(text_template=self.text_template, system_prompt=self.system_prompt)
+        return PromptConfig(
+            text_template=self.text_template,
+            system_prompt=self.system_prompt,
+            chat_template=read_chat_template(self.chat_template),
+        )
 
     @property
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(
-            min_image_pixels=self.min_image_pixels, max_image_pixels=self.max_image_pixels
+            min_image_pixels=self.min_image_pixels,
+            max_image_pixels=self.max_image_pixels,
+            video_frames=self.video_frames,
         )
 
     def validate(self) -> FitConfig:
@@ -98,8 +111,18 @@ class FitConfig(ModelConfig):
             raise ConfigError(f"--train {self.train}: no such file")
         if self.from_vectors and not Path(self.from_vectors).is_dir():
             raise ConfigError(f"--from-vectors {self.from_vectors}: no such directory")
-        _ = self.prompt  # PromptConfig checks the template
-        _ = self.preprocessing  # and Preprocessing the image pixel limits
+        if self.from_vectors and self.chat_template:
+            raise ConfigError(
+                "--chat-template does not apply with --from-vectors: the vectors were taken with "
+                "the prompt their sidecar records; drop the flag"
+            )
+        if self.from_vectors and self.video_frames != DEFAULT_VIDEO_FRAMES:
+            raise ConfigError(
+                "--video-frames does not apply with --from-vectors: the vectors were taken with "
+                "the frames their sidecar records; drop the flag"
+            )
+        _ = self.prompt  # PromptConfig checks the template, read_chat_template the file
+        _ = self.preprocessing  # and Preprocessing the image pixel limits and video frames
         if self.from_vectors and (self.min_image_pixels or self.max_image_pixels):
             raise ConfigError(
                 "--min-image-pixels/--max-image-pixels do not apply with --from-vectors: the "
@@ -144,15 +167,24 @@ class FitConfig(ModelConfig):
         p.add_argument(
             "--image-field",
             default="image",
-            help="image field(s), comma-separated (default: image)",
+            help="image field(s), comma-separated (default: image); '' for text-only rows",
         )
         p.add_argument("--text-field", default="question")
         p.add_argument("--label-field", default="label")
         p.add_argument("--id-field", default=None)
+        add_video_args(p)
         p.add_argument(
             "--text-template", default="{text}", help="prompt text; {text} is the row's text"
         )
         p.add_argument("--system-prompt", default=None)
+        p.add_argument(
+            "--chat-template",
+            default=None,
+            metavar="FILE",
+            help="Jinja chat template for a checkpoint that has none (e.g. PaliGemma base "
+            "models), used instead of the checkpoint's; recorded in the artifact and reused at "
+            "inference",
+        )
         p.add_argument(
             "--min-image-pixels",
             type=int,
@@ -190,6 +222,44 @@ class FitConfig(ModelConfig):
         ns = cls.parser().parse_args(argv)
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in vars(ns).items() if k in names}).validate()
+
+
+def read_chat_template(path: str | None) -> str | None:
+    """The text of the `--chat-template` file (None: the checkpoint's own template)."""
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            f"--chat-template {path}: cannot be read ({type(e).__name__}); give a Jinja file"
+        ) from None
+    if not text.strip():
+        raise ConfigError(f"--chat-template {path}: the file is empty; give a Jinja chat template")
+    return text
+
+
+def add_video_field_arg(p: argparse.ArgumentParser) -> None:
+    """--video-field, shared by the jobs that read manifests."""
+    p.add_argument(
+        "--video-field",
+        default=None,
+        help="field holding one video path per row (.mp4, .webm, .mov, .mkv, .avi, .gif) or "
+        "null; default: the field 'video', where the manifest has it",
+    )
+
+
+def add_video_args(p: argparse.ArgumentParser) -> None:
+    add_video_field_arg(p)
+    p.add_argument(
+        "--video-frames",
+        type=int,
+        default=DEFAULT_VIDEO_FRAMES,
+        metavar="N",
+        help="frames sampled uniformly from each video (default %(default)s); given to the "
+        "processor as its native video input where it has a video processor, else as N images. "
+        "Recorded in the artifact and reused at inference",
+    )
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -46,13 +46,13 @@ class ExtractVectors:
     """Ray Data actor: `map_batches(ExtractVectors, fn_constructor_kwargs=..., compute=...)`."""
 
     def __init__(self, model: ModelConfig, vectors_dtype: str = "float32") -> None:
-        from sav_ray.models import load_actor_model
+        from sav_ray.models import decoder_layers, load_actor_model
 
         self.lm = load_actor_model(model)
         self.vectors_dtype = np.dtype(vectors_dtype)
         self._info_json = json.dumps(self.lm.info.to_dict(), sort_keys=True)
         self._rows_run = 0
-        first_layer = self.lm.model.get_decoder().layers[0]
+        first_layer = decoder_layers(self.lm.model)[0]
         first_layer.register_forward_pre_hook(self._count_rows, with_kwargs=True)
 
     def _count_rows(self, module: Any, args: tuple, kwargs: dict) -> None:

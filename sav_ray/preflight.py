@@ -5,10 +5,13 @@
 No weights are read. The model is built from its config on the meta device (accelerate's
 `init_empty_weights`) to find its heads; the processor is loaded and renders the chat prompt
 of the manifest's first row (images are placeholders in the template, no pixels are needed).
-Every problem (no such folder or hub id, no config.json, not an image-text-to-text model, a
-decoder layout sav-ray cannot read, no processor or tokenizer files, no chat template, a
-template that fails) is a ConfigError naming the flag, the model and the cause, so a job
-stops with one line in seconds instead of after Ray has started its actors.
+The model class is chosen as `load_model` chooses it (`sav_ray.models.model_class`).
+Every problem (no such folder or hub id, no config.json, neither an image-text-to-text model
+nor a causal LM, an encoder-decoder model, a decoder layout sav-ray cannot read, no processor
+or tokenizer files, no chat template, a template that fails) is a ConfigError naming the flag,
+the model and the cause, and a manifest row with images for a text-only base model (a text LLM)
+a ManifestError naming the file, row and field, so a job stops with one line in seconds
+instead of after Ray has started its actors.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from sav_ray.artifact import BaseModelInfo
 from sav_ray.errors import ConfigError
-from sav_ray.models import ModelLayoutError, find_heads
+from sav_ray.manifest import refuse_images
+from sav_ray.models import ModelLayoutError, UnsupportedModelError, find_heads, model_class
 from sav_ray.prompts import Example, PromptConfig, PromptError, render
 
 if TYPE_CHECKING:
@@ -54,26 +58,24 @@ def load_config(name: str, revision: str | None, where: str) -> Any:
 def meta_model(config: Any, where: str) -> Any:
     """The model built from `config` with every tensor on the meta device (no memory, no weights)."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForImageTextToText
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
-    if type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
-        raise ConfigError(
-            f"{where}: a {config.model_type!r} model is not an image-text-to-text model "
-            "(AutoModelForImageTextToText does not build it); sav-ray needs a vision-language "
-            "model such as Qwen2-VL or LLaVA-OneVision"
-        )
+    try:
+        auto_class = model_class(config)
+    except UnsupportedModelError as e:
+        raise ConfigError(f"{where}: {e}") from None
     try:
         with init_empty_weights():
-            return AutoModelForImageTextToText.from_config(config)
+            return auto_class.from_config(config)
     except Exception as e:  # whatever transformers raises for a config it cannot build
         raise ConfigError(
             f"{where}: the model cannot be built from its config ({_cause(e)})"
         ) from None
 
 
-def load_checked_processor(name: str, revision: str | None, where: str) -> Any:
-    """The processor, with a tokenizer and a chat template."""
+def load_checked_processor(
+    name: str, revision: str | None, where: str, chat_template: str | None = None
+) -> Any:
+    """The processor, with a tokenizer and a chat template (its own, or `chat_template`)."""
     from sav_ray.processors import load_processor
 
     local = Path(name).is_dir()
@@ -88,26 +90,35 @@ def load_checked_processor(name: str, revision: str | None, where: str) -> Any:
     template = getattr(processor, "chat_template", None) or getattr(
         tokenizer, "chat_template", None
     )
-    if not template:
+    if not template and not chat_template:
         raise ConfigError(
-            f"{where}: the processor has no chat template (chat_template.jinja); sav-ray "
-            "builds every prompt with the model's chat template"
+            f"{where}: the checkpoint has no chat template (chat_template.jinja), and sav-ray "
+            "builds every prompt with one; fit with --chat-template FILE (a Jinja chat template)"
         )
     return processor
 
 
 def first_example(table: Any) -> Example:
-    """The manifest's first row, its images as placeholders (rendering needs only their number)."""
+    """The manifest's first row, its images (and a video's frame) as placeholders: rendering
+    needs only their number."""
     row = table.slice(0, 1).to_pylist()[0]
-    return Example(text=row["text"], images=[None] * len(row["images"]), where=f"row {row['row']}")
+    return Example(
+        text=row["text"],
+        images=[None] * len(row["images"]),
+        where=f"row {row['row']}",
+        video=[None] if row["video"] else [],
+    )
 
 
 def check_model(
     model: ModelConfig, prompt: PromptConfig, table: Any = None, flag: str = "--model"
 ) -> BaseModelInfo:
     """Check `model.model` can run here, from config and processor files; return its geometry
-    (`revision` as given, `dtype` as asked). `table`: the manifest, whose first row's prompt
-    must render. Raises ConfigError naming `flag`."""
+    (`revision` as given, `dtype` as asked, `modalities` from the processor). `table`: the
+    manifest, whose first row's prompt must render and whose rows may hold images only if the
+    model takes them. Raises ConfigError naming `flag`, or ManifestError naming a row."""
+    from sav_ray.processors import modalities
+
     where = f"{flag} {model.model}"
     config = load_config(model.model, model.revision, where)
     meta = meta_model(config, where)
@@ -115,7 +126,20 @@ def check_model(
         layout = find_heads(meta)
     except ModelLayoutError as e:
         raise ConfigError(f"{where}: unsupported model layout: {e}") from None
-    processor = load_checked_processor(model.model, model.revision, where)
+    processor = load_checked_processor(model.model, model.revision, where, prompt.chat_template)
+    info = BaseModelInfo(
+        name_or_path=model.model,
+        revision=model.revision,
+        architecture=type(meta).__name__,
+        num_layers=layout.num_layers,
+        num_heads=layout.num_heads,
+        head_dim=layout.head_dim,
+        dtype=model.dtype,
+        modalities=modalities(processor),
+        layer_ids=layout.layer_ids,
+    )
+    if table is not None and not info.takes_images:
+        refuse_images(table, info.text_only_reason)
     if table is not None and table.num_rows:
         example = first_example(table)
         try:
@@ -126,12 +150,4 @@ def check_model(
             raise ConfigError(
                 f"{where}: its chat template fails on {example.where} ({_cause(e)})"
             ) from None
-    return BaseModelInfo(
-        name_or_path=model.model,
-        revision=model.revision,
-        architecture=type(meta).__name__,
-        num_layers=layout.num_layers,
-        num_heads=layout.num_heads,
-        head_dim=layout.head_dim,
-        dtype=model.dtype,
-    )
+    return info

@@ -27,16 +27,25 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sav_ray.errors import ConfigError
+from sav_ray.prompts import VIDEO_INPUTS
 
 logger = logging.getLogger(__name__)
 
 
+DEFAULT_VIDEO_FRAMES = 8
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """Image resolution limits, in pixels per image; None keeps the processor's default."""
+    """Image resolution limits, in pixels per image (None keeps the processor's default), and
+    how videos are given: `video_frames` frames sampled uniformly (`sav_ray.video`), as the
+    processor's native video input or as images (`video_input`; None: decided from the
+    processor, which the fit does once and records)."""
 
     min_image_pixels: int | None = None
     max_image_pixels: int | None = None
+    video_frames: int = DEFAULT_VIDEO_FRAMES
+    video_input: str | None = None
 
     def __post_init__(self) -> None:
         for flag, value in (
@@ -51,16 +60,26 @@ class Preprocessing:
                 f"--min-image-pixels {low} is above --max-image-pixels {high}; "
                 "give a minimum at most the maximum"
             )
+        if isinstance(self.video_frames, bool) or not isinstance(self.video_frames, int):
+            raise ConfigError(f"--video-frames {self.video_frames!r}: must be a whole number")
+        if self.video_frames < 1:
+            raise ConfigError(f"--video-frames {self.video_frames}: must be at least 1")
+        if self.video_input is not None and self.video_input not in VIDEO_INPUTS:
+            raise ConfigError(f"video_input {self.video_input!r}: must be one of {VIDEO_INPUTS}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Preprocessing:
-        """From an artifact or vectors sidecar; None (written before limits existed): defaults."""
+        """From an artifact or vectors sidecar; None (written before limits existed): defaults.
+        Written before videos existed: `DEFAULT_VIDEO_FRAMES`, input decided by the processor."""
         d = d or {}
         return cls(
-            min_image_pixels=d.get("min_image_pixels"), max_image_pixels=d.get("max_image_pixels")
+            min_image_pixels=d.get("min_image_pixels"),
+            max_image_pixels=d.get("max_image_pixels"),
+            video_frames=d.get("video_frames", DEFAULT_VIDEO_FRAMES),
+            video_input=d.get("video_input"),
         )
 
 
