@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
 from sav_ray import registry  # noqa: E402
-from sav_ray.config import ModelConfig, add_runtime_args  # noqa: E402
+from sav_ray.config import ModelConfig, add_runtime_args, add_video_field_arg  # noqa: E402
 from sav_ray.errors import job_main  # noqa: E402
 from sav_ray.evaluation import (  # noqa: E402
     all_heads_centroids,
@@ -31,7 +31,12 @@ from sav_ray.evaluation import (  # noqa: E402
     summarize,
 )
 from sav_ray.fitting import init_ray  # noqa: E402
-from sav_ray.manifest import ManifestFields, check_image_files, read_manifest  # noqa: E402
+from sav_ray.manifest import (  # noqa: E402
+    ManifestFields,
+    check_image_files,
+    read_manifest,
+    refuse_images,
+)
 from sav_ray.preflight import check_model  # noqa: E402
 from sav_ray.tracking import log_evaluation, run, use_store  # noqa: E402
 
@@ -44,10 +49,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     train.add_argument("--train", help="training manifest, for the all-heads centroids")
     train.add_argument("--train-vectors", metavar="DIR", help="or its saved vectors (no model)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="zero-shot answer length")
-    p.add_argument("--image-field", default="image")
+    p.add_argument("--image-field", default="image", help="'' for text-only rows")
     p.add_argument("--text-field", default="question")
     p.add_argument("--label-field", default="label")
     p.add_argument("--id-field", default=None)
+    add_video_field_arg(p)
     p.add_argument("--base-model", default="", help="another location of the artifact's model")
     add_runtime_args(p)
     p.add_argument("--experiment", default="sav-ray", help="MLflow experiment name")
@@ -69,7 +75,7 @@ def main(argv: list[str] | None) -> int:
     )
     flag = "--base-model" if args.base_model else "the SAV's base model"
     fields = ManifestFields.from_flags(
-        args.image_field, args.text_field, args.label_field, args.id_field
+        args.image_field, args.text_field, args.label_field, args.id_field, args.video_field
     )
     test = read_manifest(args.data, fields)
     check_labels(test, artifact.labels, "--data")
@@ -77,7 +83,10 @@ def main(argv: list[str] | None) -> int:
     train = read_manifest(args.train, fields) if args.train else None
     if train is not None:
         check_image_files(train)
-    artifact.base_model.check_compatible(check_model(model, artifact.prompt, test, flag))
+    info = check_model(model, artifact.prompt, test, flag)
+    artifact.base_model.check_compatible(info)
+    if train is not None and not info.takes_images:
+        refuse_images(train, info.text_only_reason)
     name = f"{version.name}-v{version.version}" if version else Path(args.model).name
     tags = {"sav.job": "evaluate", "sav.model": args.model}
     with run(args.experiment, uri, f"evaluate-{name}", tags=tags) as active:

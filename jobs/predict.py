@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
-from sav_ray.config import ModelConfig, add_model_args  # noqa: E402
+from sav_ray.config import ModelConfig, add_model_args, add_video_field_arg  # noqa: E402
 from sav_ray.errors import job_main  # noqa: E402
 from sav_ray.fitting import init_ray  # noqa: E402
 from sav_ray.manifest import ManifestFields, check_image_files, read_manifest  # noqa: E402
@@ -32,10 +32,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--artifact", required=True, help="artifact folder or models:/NAME@ALIAS")
     p.add_argument("--data", required=True, help="manifest to classify (labels optional)")
     p.add_argument("--output", required=True, help="results file: .jsonl or .parquet")
-    p.add_argument("--image-field", default="image")
+    p.add_argument("--image-field", default="image", help="'' for text-only rows")
     p.add_argument("--text-field", default="question")
     p.add_argument("--label-field", default="label")
     p.add_argument("--id-field", default=None)
+    add_video_field_arg(p)
     add_model_args(p)
     return p.parse_args(argv)
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None) -> int:
         model = replace(model, model=base.name_or_path, revision=model.revision or base.revision)
         flag = "the artifact's base model"
     fields_ = ManifestFields.from_flags(
-        args.image_field, args.text_field, args.label_field, args.id_field
+        args.image_field, args.text_field, args.label_field, args.id_field, args.video_field
     )
     table = read_manifest(args.data, fields_, require_label=False)
     check_image_files(table)

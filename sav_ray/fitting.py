@@ -26,7 +26,7 @@ from sav_ray.artifact import BaseModelInfo, SavArtifact, Selection
 from sav_ray.config import FitConfig, ModelConfig
 from sav_ray.errors import ConfigError, quiet_ray_data_tracebacks
 from sav_ray.manifest import check_image_files, read_manifest, validate_for_fit
-from sav_ray.preprocess import preprocessing_applied
+from sav_ray.preprocess import preprocessing_applied, with_video_input
 from sav_ray.prompts import PromptConfig
 from sav_ray.remote_sums import RemoteClassSums, accumulate
 from sav_ray.resolution import NO_LIMITS, Preprocessing, nothing_applied
@@ -257,6 +257,7 @@ def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
         check_image_files(table)
         prompt, prep = cfg.prompt, cfg.preprocessing
         applied = preprocessing_applied(cfg.model, cfg.revision, prep)
+        prep = with_video_input(cfg.model, cfg.revision, prep)
         init_ray()  # only once the manifest is known to be good
         ds = vectors_dataset(table, cfg, prompt, cfg.vectors_dtype, prep).materialize()
     extract_seconds = 0.0 if cfg.from_vectors else time.perf_counter() - started

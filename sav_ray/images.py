@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,20 +52,28 @@ class ImageLimits:
 def load_image(path: str | Path, limits: ImageLimits = ImageLimits()) -> Image.Image:
     """Read an image file into a fully loaded RGB image (see `decode_image`)."""
     what = f"image file {path}"
+    data = read_local_file(path, what, lambda size: _check_bytes(size, limits, what), ImageError)
+    return decode_image(data, limits, what=what)
+
+
+def read_local_file(
+    path: str | Path, what: str, check_size: Callable[[int], None], error: type[Exception]
+) -> bytes:
+    """A local file's bytes; `check_size(bytes)` raises before a file over its limit is read.
+    Errors are `error`s naming `what`."""
     try:
         size = os.stat(path).st_size
     except FileNotFoundError:
-        raise ImageError(f"{what}: not found; check the path") from None
+        raise error(f"{what}: not found; check the path") from None
     except OSError as e:
-        raise ImageError(f"{what}: cannot be read ({e})") from None
+        raise error(f"{what}: cannot be read ({e})") from None
     if not os.path.isfile(path):
-        raise ImageError(f"{what}: not a file")
-    _check_bytes(size, limits, what)
+        raise error(f"{what}: not a file")
+    check_size(size)
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as e:
-        raise ImageError(f"{what}: cannot be read ({e})") from None
-    return decode_image(data, limits, what=what)
+        raise error(f"{what}: cannot be read ({e})") from None
 
 
 def decode_image(

@@ -6,6 +6,7 @@ A manifest row names zero or more images, a text and a label (DESIGN.md, "Input 
     row     int64          1-based data row number, used in every message about the row
     id      string         the id field's value, or the row number as a string
     images  list<string>   absolute image paths, in order across the image fields
+    video   string         the absolute path of the row's video, or null (`sav_ray.video`)
     text    string         the row's text ("" when null or missing)
     label   string         the row's label; null only when labels are not required
 
@@ -13,7 +14,7 @@ Row numbers count data rows from 1: the n-th object of a JSON array, the n-th no
 of a JSONL file, the n-th record after a CSV file's header, the n-th row of a Parquet file.
 
 Reading checks the manifest's structure only. `check_image_files` checks that the images
-exist, and `validate_for_fit` that the labels can fit a classifier.
+and videos exist, and `validate_for_fit` that the labels can fit a classifier.
 """
 
 from __future__ import annotations
@@ -32,15 +33,21 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from sav_ray.video import VIDEO_SUFFIXES
+
 MANIFEST_SCHEMA = pa.schema(
     [
         ("row", pa.int64()),
         ("id", pa.string()),
         ("images", pa.list_(pa.string())),
+        ("video", pa.string()),
         ("text", pa.string()),
         ("label", pa.string()),
     ]
 )
+
+# The video field read where a manifest has it, when no other is named.
+DEFAULT_VIDEO_FIELD = "video"
 
 # Where the source file and field names travel with the table, so that later checks can name them.
 _METADATA_KEY = b"sav_ray.manifest"
@@ -55,13 +62,20 @@ class ManifestFields:
     """Which manifest fields hold the images, the text, the label and (optionally) the id.
 
     Each image field's value is a path string, null, or a list of path strings; with no image
-    fields at all (`image=()`) every row is text-only.
+    fields at all (`image=()`) every row is text-only. `video` names the field holding one
+    video path (or null) per row; None reads `DEFAULT_VIDEO_FIELD` where the manifest has it,
+    while a field named here must be in the manifest.
     """
 
     image: tuple[str, ...] = ("image",)
     text: str = "question"
     label: str = "label"
     id: str | None = None
+    video: str | None = None
+
+    @property
+    def video_field(self) -> str:
+        return self.video or DEFAULT_VIDEO_FIELD
 
     def __post_init__(self) -> None:
         if isinstance(self.image, str):
@@ -70,7 +84,9 @@ class ManifestFields:
                 f"{self.image!r}; use ManifestFields.from_flags(image={self.image!r}) "
                 "for comma-separated names"
             )
-        named = [*self.image, self.text, self.label] + ([self.id] if self.id is not None else [])
+        named = [*self.image, self.text, self.label] + [
+            name for name in (self.id, self.video) if name is not None
+        ]
         if any(not isinstance(name, str) or not name for name in named):
             raise ManifestError(f"field names must be non-empty strings, got {self}")
         twice = [name for name, n in Counter(self.image).items() if n > 1]
@@ -84,13 +100,20 @@ class ManifestFields:
         text: str = "question",
         label: str = "label",
         id: str | None = None,
+        video: str | None = None,
     ) -> ManifestFields:
         """Fields from command-line flags: `image` is comma-separated ("image_1,image_2")."""
         images = tuple(name.strip() for name in image.split(",") if name.strip())
-        return cls(image=images, text=text, label=label, id=id or None)
+        return cls(image=images, text=text, label=label, id=id or None, video=video or None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"image": list(self.image), "text": self.text, "label": self.label, "id": self.id}
+        return {
+            "image": list(self.image),
+            "text": self.text,
+            "label": self.label,
+            "id": self.id,
+            "video": self.video,
+        }
 
 
 # (column names in the file, one dict per data row)
@@ -257,6 +280,27 @@ def _image_paths(value: Any, field: str, where: str, folder: str) -> list[str]:
     return paths
 
 
+def _video_path(value: Any, field: str, where: str, folder: str) -> str | None:
+    if _is_missing(value) or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise ManifestError(
+            f"{where}: field {field!r} must be the path of one video file or null, not "
+            f"{_describe(value)}"
+        )
+    if "://" in value:
+        raise ManifestError(
+            f"{where}: field {field!r} holds the URL {value!r}; only local video files are "
+            "read: download the video and give its path"
+        )
+    if not value.lower().endswith(VIDEO_SUFFIXES):
+        raise ManifestError(
+            f"{where}: field {field!r} holds {value!r}, which is not a video file name; a video "
+            f"must end in one of {', '.join(VIDEO_SUFFIXES)}"
+        )
+    return os.path.abspath(os.path.join(folder, os.path.expanduser(value)))
+
+
 def _check_fields_present(
     path: Path, fields: ManifestFields, columns: list[str], require_label: bool
 ) -> None:
@@ -265,11 +309,14 @@ def _check_fields_present(
         roles.append(("label", fields.label))
     if fields.id is not None:
         roles.append(("id", fields.id))
+    if fields.video is not None:
+        roles.append(("video", fields.video))
     for role, name in roles:
         if name not in columns:
             raise ManifestError(
                 f"{path}: {role} field {name!r} is not in the manifest; its fields are "
                 f"{columns}; set the {role} field name to one of those"
+                + (" (or to '' for text-only rows: --image-field '')" if role == "image" else "")
             )
 
 
@@ -293,7 +340,8 @@ def read_manifest(
             f"{path}: unknown manifest format {path.suffix!r}; name the file with one of "
             f"{', '.join(FORMATS)}"
         )
-    named = [*fields.image, fields.text, fields.label] + ([fields.id] if fields.id else [])
+    named = [*fields.image, fields.text, fields.label, fields.video_field]
+    named += [fields.id] if fields.id else []
     try:
         columns, records = loader(path, list(dict.fromkeys(named)))
     except UnicodeDecodeError as e:
@@ -303,7 +351,7 @@ def read_manifest(
     _check_fields_present(path, fields, columns, require_label)
 
     folder = os.path.dirname(os.path.abspath(path))
-    ids, images, texts, labels = [], [], [], []
+    ids, images, videos, texts, labels = [], [], [], [], []
     row_of_id: dict[str, int] = {}
     for row, record in enumerate(records, 1):
         where = f"{path}: row {row}"
@@ -311,6 +359,9 @@ def read_manifest(
         for name in fields.image:
             paths += _image_paths(record.get(name), name, where, folder)
         images.append(paths)
+        videos.append(
+            _video_path(record.get(fields.video_field), fields.video_field, where, folder)
+        )
 
         text = record.get(fields.text)
         if _is_missing(text):
@@ -354,6 +405,7 @@ def read_manifest(
             "row": list(range(1, len(records) + 1)),
             "id": ids,
             "images": images,
+            "video": videos,
             "text": texts,
             "label": labels,
         },
@@ -361,34 +413,65 @@ def read_manifest(
     )
 
 
-def _source(table: pa.Table) -> tuple[str, str]:
-    """The message prefix naming the manifest file, and the label field's name."""
+def _source(table: pa.Table, role: str = "label") -> tuple[str, Any]:
+    """The message prefix naming the manifest file, and the name(s) of the `role` field(s)."""
     raw = (table.schema.metadata or {}).get(_METADATA_KEY)
     if raw is None:
-        return "", "label"
+        return "", ManifestFields().to_dict()[role]
     source = json.loads(raw)
-    return f"{source['path']}: ", source["fields"]["label"]
+    return f"{source['path']}: ", source["fields"][role]
 
 
 def check_image_files(table: pa.Table) -> None:
-    """Raise ManifestError naming the first row whose image file does not exist."""
+    """Raise ManifestError naming the first row whose image or video file does not exist."""
     exists: dict[str, bool] = {}
-    missing: list[tuple[int, str]] = []
-    for row, paths in zip(table["row"].to_pylist(), table["images"].to_pylist(), strict=True):
-        for p in paths:
+    missing: list[tuple[int, str, str]] = []  # (row, "image" or "video", path)
+    for row, paths, video in zip(
+        table["row"].to_pylist(),
+        table["images"].to_pylist(),
+        table["video"].to_pylist(),
+        strict=True,
+    ):
+        named = [("image", p) for p in paths] + ([("video", video)] if video else [])
+        for kind, p in named:
             if p not in exists:
                 exists[p] = os.path.isfile(p)
             if not exists[p]:
-                missing.append((row, p))
+                missing.append((row, kind, p))
     if missing:
         prefix, _ = _source(table)
-        row, p = missing[0]
-        files = len({p for _, p in missing})
-        rows = len({row for row, _ in missing})
+        row, kind, p = missing[0]
+        files = len({p for _, _, p in missing})
+        rows = len({row for row, _, _ in missing})
         raise ManifestError(
-            f"{prefix}row {row}: image file not found: {p} ({files} missing image file(s) in "
-            f"{rows} row(s)); relative image paths resolve against the manifest's folder"
+            f"{prefix}row {row}: {kind} file not found: {p} ({files} missing file(s) in "
+            f"{rows} row(s)); relative paths resolve against the manifest's folder"
         )
+
+
+def refuse_images(table: pa.Table, reason: str) -> None:
+    """Raise ManifestError naming the first row with an image or a video: `reason` says why none
+    may have one (e.g. the base model takes text only)."""
+    rows = zip(
+        table["row"].to_pylist(),
+        table["images"].to_pylist(),
+        table["video"].to_pylist(),
+        strict=True,
+    )
+    for row, paths, video in rows:
+        if paths:
+            prefix, names = _source(table, "image")
+            field = " or ".join(repr(name) for name in names)
+            raise ManifestError(
+                f"{prefix}row {row}: field {field} gives an image, but {reason}; give rows "
+                "without images, or read no image field (--image-field '')"
+            )
+        if video:
+            prefix, name = _source(table, "video")
+            raise ManifestError(
+                f"{prefix}row {row}: field {name or DEFAULT_VIDEO_FIELD!r} gives a video, but "
+                f"{reason}; give rows without videos"
+            )
 
 
 def labels_of(table: pa.Table) -> tuple[str, ...]:

@@ -3,8 +3,11 @@
 `preprocess_rows` runs as Ray Data tasks: plain tasks, not an actor pool, so Ray Data scales
 them with the free CPUs and reuses its warm worker processes, each of which loads the processor
 once (`model_processor` is cached per process; processor files only, never weights). It turns
-each row of the normalised manifest (`row`, `id`, `images`, `text`, `label`) into its model inputs: its images read and decoded (`sav_ray.images.load_image`, the one loader), the
-prompt rendered, tokens and pixels made by the processor with the preprocessing config's
+each row of the normalised manifest (`row`, `id`, `images`, `video`, `text`, `label`) into its
+model inputs: its images read and decoded (`sav_ray.images.load_image`, the one loader), its
+video's frames sampled uniformly and decoded (`sav_ray.video.load_video`: `video_frames` of the
+preprocessing config, given as native video or as images per its `video_input`), the prompt
+rendered, tokens and pixels made by the processor with the preprocessing config's
 resolution, ONE row at a time (no padding: `sav_ray.model_inputs.encode_row`). The model actor
 then only collates (pads), moves to its device, runs the forward pass and captures.
 
@@ -14,12 +17,13 @@ architecture (Qwen's `[patches, dim]` pixel_values and `image_grid_thw`, LLaVA-O
 `[1, tiles, 3, H, W]` and `image_sizes`, Gemma3's `token_type_ids`, ...) and, within one
 architecture, by row (text-only rows have no pixels): one column with a self-describing,
 pickle-free format carries them all, keeps dtypes exactly, and costs a ~100-byte header per row.
-A missing or unreadable image stops the job with a message naming the row and file.
+A missing or unreadable image or video stops the job with a message naming the row and file.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +31,10 @@ import numpy as np
 
 from sav_ray.images import ImageError, load_image
 from sav_ray.manifest import ManifestError
-from sav_ray.model_inputs import encode_row, row_from_bytes, row_to_bytes
+from sav_ray.model_inputs import encode_row, row_from_bytes, row_to_bytes, video_input
 from sav_ray.prompts import Example, PromptConfig
 from sav_ray.resolution import Preprocessing, resolution_plan, warn_unused
+from sav_ray.video import VideoError, load_video
 
 INPUTS = "inputs"  # the column of per-row safetensors blobs
 
@@ -59,6 +64,11 @@ def preprocessing_applied(model: str, revision: str | None, prep: Preprocessing)
     return plan.applied
 
 
+def with_video_input(model: str, revision: str | None, prep: Preprocessing) -> Preprocessing:
+    """`prep` with how the model's processor takes videos decided (for the artifact)."""
+    return replace(prep, video_input=video_input(model_processor(model, revision), prep))
+
+
 def preprocess_rows(
     batch: dict[str, np.ndarray],
     model: str,
@@ -67,18 +77,21 @@ def preprocess_rows(
     preprocessing: dict[str, Any],
 ) -> dict[str, np.ndarray]:
     """Ray Data stage (`map_batches(preprocess_rows, fn_kwargs=...)`): manifest columns in, the
-    same columns with `images` and `text` replaced by `inputs` out."""
+    same columns with `images`, `video` and `text` replaced by `inputs` out."""
     processor = model_processor(model, revision)
     config, prep = PromptConfig.from_dict(prompt), Preprocessing.from_dict(preprocessing)
     blobs = []
-    for row, paths, text in zip(batch["row"], batch["images"], batch["text"], strict=True):
+    for row, paths, video, text in zip(
+        batch["row"], batch["images"], batch["video"], batch["text"], strict=True
+    ):
         try:
             images = [load_image(p) for p in paths]
-        except ImageError as e:
+            frames = load_video(video, prep.video_frames) if video else []
+        except (ImageError, VideoError) as e:
             raise ManifestError(f"row {row}: {e}") from None
-        example = Example(text=str(text), images=images, where=f"row {row}")
+        example = Example(text=str(text), images=images, where=f"row {row}", video=frames)
         blobs.append(row_to_bytes(encode_row(processor, example, config, prep)))
-    kept = {k: v for k, v in batch.items() if k not in ("images", "text")}
+    kept = {k: v for k, v in batch.items() if k not in ("images", "video", "text")}
     return {**kept, INPUTS: object_column(blobs)}
 
 

@@ -10,7 +10,11 @@ Input: a pandas DataFrame, one row per example
     text   str            the row's text (what the prompt's {text} becomes)
     image  str, optional  one image as the base64 of its encoded file (PNG, JPEG, WEBP, GIF,
                           BMP, TIFF), decoded with the same limits as the server; null or ""
-                          for a text-only row
+                          for a text-only row (a text LLM base model takes no image: an
+                          image there is an error naming the row)
+    video  str, optional  one video as the base64 of its file (mp4, webm, mov, mkv, avi, gif):
+                          the artifact's `video_frames` sampled uniformly (sav_ray.video), given
+                          to the processor as the fit gave them; null or "" for none
 Output: a pandas DataFrame, one row per input row, in order
     label   str               the predicted label
     votes   dict[str, int]    heads voting for each label (they sum to k)
@@ -57,6 +61,7 @@ class SavModel(PythonModel):
         from sav_ray.classify import predict_examples
         from sav_ray.images import ImageError, decode_image
         from sav_ray.prompts import Example
+        from sav_ray.video import decode_video
 
         frame = pd.DataFrame(model_input)
         if "text" not in frame.columns:
@@ -65,22 +70,27 @@ class SavModel(PythonModel):
                 "with a 'text' column and optionally an 'image' column (base64 image files)"
             )
         images = frame["image"] if "image" in frame.columns else [None] * len(frame)
+        videos = frame["video"] if "video" in frame.columns else [None] * len(frame)
+        n_frames = self.artifact.preprocessing.video_frames
         examples = []
-        for i, (text, image) in enumerate(zip(frame["text"], images, strict=True)):
+        for i, (text, image, video) in enumerate(zip(frame["text"], images, videos, strict=True)):
             where = f"input row {i}"
             pixels = []
-            if isinstance(image, str) and image:
-                try:
-                    data = base64.b64decode(image, validate=True)
-                except binascii.Error as e:
+            for field, given in (("image", image), ("video", video)):
+                if isinstance(given, str) and given and not self.lm.info.takes_images:
                     raise ImageError(
-                        f"{where}: field 'image' is not base64 ({e}); send "
-                        "base64.b64encode(open(path, 'rb').read()).decode()"
-                    ) from None
+                        f"{where}: field {field!r}: {self.lm.info.text_only_reason}; leave it "
+                        "empty (null or '') or drop the column"
+                    )
+            if isinstance(image, str) and image:
+                data = _base64(image, f"{where}: field 'image'", ImageError)
                 pixels.append(decode_image(data, what=f"{where} field 'image'"))
-            examples.append(
-                Example(text="" if text is None else str(text), images=pixels, where=where)
-            )
+            frames = []
+            if isinstance(video, str) and video:
+                data = _base64(video, f"{where}: field 'video'", ValueError)
+                frames = decode_video(data, n_frames, what=f"{where} field 'video'")
+            text = "" if text is None else str(text)
+            examples.append(Example(text=text, images=pixels, where=where, video=frames))
         preds = []
         for start in range(0, len(examples), self.batch_size):
             preds += predict_examples(
@@ -93,6 +103,15 @@ class SavModel(PythonModel):
                 "scores": [p.scores for p in preds],
             }
         )
+
+
+def _base64(value: str, what: str, error: type[ValueError]) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except binascii.Error as e:
+        raise error(
+            f"{what} is not base64 ({e}); send base64.b64encode(open(path, 'rb').read()).decode()"
+        ) from None
 
 
 mlflow.models.set_model(SavModel())

@@ -201,7 +201,11 @@ def pyfunc_signature() -> Any:
 
     return ModelSignature(
         inputs=Schema(
-            [ColSpec(DataType.string, "text"), ColSpec(DataType.string, "image", required=False)]
+            [
+                ColSpec(DataType.string, "text"),
+                ColSpec(DataType.string, "image", required=False),
+                ColSpec(DataType.string, "video", required=False),
+            ]
         ),
         outputs=Schema(
             [

@@ -1,9 +1,12 @@
 """Online classification core, without Ray: request inputs -> Examples -> predictions.
 
 The Serve deployments in `serve/app.py` are thin around this module:
-- `to_examples` turns a request's inputs (text + image strings) into `Example`s. Images are
-  base64 (or `data:` URIs) by default; `file://` paths and http(s) URLs are read only under a
-  configured allowlist (`ImageSources`). Sizes are bounded before decoding (`RequestLimits`).
+- `to_examples` turns a request's inputs (text + image strings + an optional video string) into
+  `Example`s. Images are base64 (or `data:` URIs) by default; `file://` paths and http(s) URLs
+  are read only under a configured allowlist (`ImageSources`). A video is base64 (or a `data:`
+  URI) only, decoded into the artifact's number of uniformly sampled frames (`sav_ray.video`).
+  Sizes are bounded before decoding (`RequestLimits`), a video's frames and duration while it
+  is decoded.
 - `resolve_ref` maps a served model's reference (an artifact folder, `models:/NAME@ALIAS`,
   `models:/NAME/VERSION`) to an immutable model id: a registry version, or a folder pinned
   by the SHA-256 of its sav.json. A moved alias or a rewritten folder gives a new id.
@@ -33,9 +36,11 @@ import torch
 from sav_ray.artifact import ARTIFACT_FILE, SavArtifact
 from sav_ray.classify import Prediction, predict_examples
 from sav_ray.images import ImageError, ImageLimits, ImageTooLarge, decode_image
-from sav_ray.models import LoadedModel
+from sav_ray.models import LoadedModel, decoder_layers
 from sav_ray.prompts import Example, PromptError, user_content
 from sav_ray.registry import is_registry_ref, parse_ref
+from sav_ray.resolution import DEFAULT_VIDEO_FRAMES
+from sav_ray.video import VideoError, VideoLimits, VideoTooLarge, decode_video
 
 _WHITESPACE = re.compile(rb"\s+")
 _DATA_URI = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?((?:;[\w.+-]+=[\w.+-]+)*)(;base64)?,", re.ASCII)
@@ -56,7 +61,8 @@ class RequestError(ValueError):
 @dataclass(frozen=True)
 class RequestLimits:
     """Limits on one request. Body size, counts and text length are enforced by the HTTP layer
-    (serve/app.py, serve/schemas.py: they appear in /openapi.json); image bytes and pixels by
+    (serve/app.py, serve/schemas.py: they appear in /openapi.json); image bytes and pixels, and
+    a video's bytes, pixels per frame (`max_image_pixels`), decoded frames and seconds by
     `to_examples`."""
 
     max_body_bytes: int = 32 * 2**20
@@ -65,7 +71,10 @@ class RequestLimits:
     max_text_chars: int = 8_000
     max_image_bytes: int = 10 * 2**20
     max_image_pixels: int = 16_000_000  # per image, read from the header before decoding
-    max_request_pixels: int = 32_000_000  # all images of a request: bounds decoded memory
+    max_request_pixels: int = 32_000_000  # all images and sampled frames of a request
+    max_video_bytes: int = 20 * 2**20
+    max_video_frames: int = 1_800  # frames decoded to count them (bounds decoding work)
+    max_video_seconds: int = 120
 
     def __post_init__(self) -> None:
         bad = [f"{k}={v}" for k, v in vars(self).items() if not isinstance(v, int) or v < 1]
@@ -77,11 +86,29 @@ class RequestLimits:
         return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
 
     @property
+    def video(self) -> VideoLimits:
+        return VideoLimits(
+            max_bytes=self.max_video_bytes,
+            max_pixels=self.max_image_pixels,
+            max_frames=self.max_video_frames,
+            max_seconds=self.max_video_seconds,
+        )
+
+    @property
     def max_image_chars(self) -> int:
         """Longest image string: the base64 of `max_image_bytes`, room for a data: prefix and
         line breaks."""
-        encoded = 4 * -(-self.max_image_bytes // 3)
-        return encoded + encoded // 64 + 256
+        return _base64_chars(self.max_image_bytes)
+
+    @property
+    def max_video_chars(self) -> int:
+        """Longest video string: the base64 of `max_video_bytes`, as `max_image_chars`."""
+        return _base64_chars(self.max_video_bytes)
+
+
+def _base64_chars(max_bytes: int) -> int:
+    encoded = 4 * -(-max_bytes // 3)
+    return encoded + encoded // 64 + 256
 
 
 @dataclass(frozen=True)
@@ -115,26 +142,35 @@ def image_bytes(source: str, sources: ImageSources, limits: RequestLimits, what:
         return _fetch(source, sources, limits, what)
     if source.startswith("file://"):
         return _read_file(source, sources, limits, what)
+    return _base64_bytes(source, what, "image", limits.max_image_bytes, "image.png")
+
+
+def video_bytes(source: str, limits: RequestLimits, what: str) -> bytes:
+    """The encoded video behind one video string: base64 or a base64 data: URI."""
+    return _base64_bytes(source, what, "video", limits.max_video_bytes, "clip.mp4")
+
+
+def _base64_bytes(source: str, what: str, kind: str, max_bytes: int, example: str) -> bytes:
     match = _DATA_URI.match(source)
     if match:
         if not match.group(3):
-            raise RequestError(
-                400, f"{what}: a data: URI must be base64 (data:image/png;base64,...)"
-            )
+            mime = "image/png" if kind == "image" else "video/mp4"
+            raise RequestError(400, f"{what}: a data: URI must be base64 (data:{mime};base64,...)")
         source = source[match.end() :]
-    if len(source) > limits.max_image_chars:
+    if len(source) > _base64_chars(max_bytes):
         raise RequestError(
             413,
             f"{what}: {len(source)} characters of base64, over the limit of "
-            f"{limits.max_image_bytes} bytes per image; compress or resize the image",
+            f"{max_bytes} bytes per {kind}; "
+            + ("compress or resize the image" if kind == "image" else "send a shorter clip"),
         )
     try:
         data = base64.b64decode(_WHITESPACE.sub(b"", source.encode("ascii")), validate=True)
     except (UnicodeEncodeError, binascii.Error) as e:
         raise RequestError(
             400,
-            f"{what}: not valid base64 ({e}); send the image file's bytes in standard base64 "
-            "(e.g. `base64 -w0 image.png`)",
+            f"{what}: not valid base64 ({e}); send the {kind} file's bytes in standard base64 "
+            f"(e.g. `base64 -w0 {example}`)",
         ) from None
     return data
 
@@ -204,11 +240,28 @@ def to_examples(
     inputs: Sequence[tuple[str, Sequence[str]]],
     limits: RequestLimits,
     sources: ImageSources = ImageSources(),
+    videos: Sequence[str | None] = (),
+    video_frames: int = DEFAULT_VIDEO_FRAMES,
 ) -> list[Example]:
-    """Decode each input's images (bounded in bytes and pixels) into an Example named
-    `inputs[i]`; the images' pixels summed over the request are bounded too."""
+    """Decode each input's images (bounded in bytes and pixels) and its video, if `videos`
+    gives one (`video_frames` frames sampled uniformly; bytes, pixels per frame, frames and
+    seconds bounded), into an Example named `inputs[i]`; the pixels of the images and sampled
+    frames summed over the request are bounded too."""
     examples, total_pixels = [], 0
-    for i, (text, images) in enumerate(inputs):
+    videos = list(videos) + [None] * (len(inputs) - len(videos))
+    for i, ((text, images), video) in enumerate(zip(inputs, videos, strict=True)):
+        frames = []
+        if video is not None:
+            what = f"inputs[{i}].video"
+            data = video_bytes(video, limits, what)
+            try:
+                frames = decode_video(data, video_frames, limits.video, what=what)
+            except VideoTooLarge as e:
+                raise RequestError(413, str(e)) from None
+            except VideoError as e:
+                raise RequestError(400, str(e)) from None
+            total_pixels += sum(f.width * f.height for f in frames)
+            _check_request_pixels(total_pixels, limits, what)
         decoded = []
         for j, source in enumerate(images):
             what = f"inputs[{i}].images[{j}]"
@@ -220,16 +273,20 @@ def to_examples(
             except ImageError as e:
                 raise RequestError(400, str(e)) from None
             total_pixels += image.width * image.height
-            if total_pixels > limits.max_request_pixels:
-                raise RequestError(
-                    413,
-                    f"{what}: the request's images reach {total_pixels} pixels, over the "
-                    f"limit of {limits.max_request_pixels} per request; send fewer or "
-                    "smaller images per request",
-                )
+            _check_request_pixels(total_pixels, limits, what)
             decoded.append(image)
-        examples.append(Example(text=text, images=decoded, where=f"inputs[{i}]"))
+        examples.append(Example(text=text, images=decoded, where=f"inputs[{i}]", video=frames))
     return examples
+
+
+def _check_request_pixels(total: int, limits: RequestLimits, what: str) -> None:
+    if total > limits.max_request_pixels:
+        raise RequestError(
+            413,
+            f"{what}: the request's images reach {total} pixels, over the "
+            f"limit of {limits.max_request_pixels} per request; send fewer or "
+            "smaller images per request",
+        )
 
 
 # --- which artifact a served name means ------------------------------------------------------
@@ -305,7 +362,7 @@ class LayerCounter:
     With early exit, layers after the deepest needed one stay at 0."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        layers = model.get_decoder().layers
+        layers = decoder_layers(model)
         self.counts = [0] * len(layers)  # [layer]
         self._handles = [
             layer.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(layers)

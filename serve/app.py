@@ -9,7 +9,7 @@ Two deployments:
   forward pass after the deepest layer its artifact selected; it refuses an artifact fitted on
   another base model or revision (409 for the client).
 - `Ingress` (here; its FastAPI routes, docs and guards are in serve/http_api.py) validates
-  requests, decodes images, pins each served name to a model id (following `models:/NAME@ALIAS`
+  requests, decodes images and videos, pins each served name to a model id (following `models:/NAME@ALIAS`
   as the alias moves: polled every `poll_interval_s`, at once on POST /v1/models/reload), fans a
   request's inputs out to the classifier and maps every client mistake to a 4xx. A new version
   is loaded on a classifier replica before requests switch to it; requests already running
@@ -30,6 +30,7 @@ from fastapi import FastAPI, HTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from sav_ray.artifact import BaseModelInfo
 from sav_ray.placement import AUTO, cluster_nodes, resolve
 from sav_ray.registry import model_version
 from sav_ray.serving import (
@@ -213,11 +214,20 @@ class Ingress:
                     entry.error_status, f"model {body.model!r} cannot be served: {entry.error}"
                 )
             raise HTTPException(503, f"model {body.model!r} is still loading; retry shortly")
+        base = BaseModelInfo.from_dict(self.base_model)
+        for i, item in enumerate(body.inputs):
+            for field, given in (("images", item.images), ("video", item.video)):
+                if given and not base.takes_images:
+                    raise HTTPException(
+                        422, f"inputs[{i}].{field}: {base.text_only_reason}; send the text alone"
+                    )
         examples = await asyncio.to_thread(
             to_examples,
             [(item.text, item.images) for item in body.inputs],
             self.cfg.limits,
             self.cfg.image_sources,
+            [item.video for item in body.inputs],
+            served.summary["video_frames"],
         )
         model_id = served.resolved.model_id
         replies = await asyncio.gather(

@@ -130,6 +130,7 @@ class Classifier:
             "labels": list(artifact.labels),
             "k": len(artifact.heads),
             "deepest_layer": artifact.deepest_layer,
+            "video_frames": artifact.preprocessing.video_frames,  # the Ingress decodes videos
             "base_model": self.lm.info.to_dict(),
         }
 

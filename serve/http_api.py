@@ -110,6 +110,8 @@ def _validation_handler(limits: RequestLimits):
             text = f"{_field(e['loc'])}: {e['msg']}"
             if e["type"] == "string_too_long" and "images" in e["loc"]:
                 text += f" (the base64 of at most {limits.max_image_bytes} bytes)"
+            if e["type"] == "string_too_long" and "video" in e["loc"]:
+                text += f" (the base64 of at most {limits.max_video_bytes} bytes)"
             return text
 
         shown = "; ".join(describe(e) for e in errors[:5])
@@ -130,7 +132,7 @@ Few-shot classifiers built from the attention heads of a frozen vision-language 
 Errors are JSON `{"detail": "..."}` naming the field: 400 malformed JSON, base64 or image;
 401 missing or wrong bearer token (when the server has one); 404 unknown model; 409 the model's
 artifact cannot be served (e.g. fitted on another base model); 413 too large (body, image bytes,
-pixels, inputs, images per input, text); 422 wrong field or type, or an input the model cannot
+pixels, inputs, images per input, text, video bytes, frames or seconds); 422 wrong field or type, or an input the model cannot
 take; 503/504 the classifier is unavailable or too slow (retry).
 
 When the server has a token, send `Authorization: Bearer <token>` on every route but /healthz.

@@ -98,7 +98,16 @@ def classify_request_model(limits: RequestLimits) -> type[BaseModel]:
             default_factory=list,
             max_length=limits.max_images_per_input,
             description="images in order, each the file's bytes in base64 (or a data: URI); "
-            "file:// paths and URLs only where the server allows them",
+            "file:// paths and URLs only where the server allows them; none for a text-only "
+            "base model (a text LLM: 422)",
+        )
+        video: str | None = Field(
+            None,
+            min_length=1,
+            max_length=limits.max_video_chars,
+            description="one video (mp4, webm, mov, mkv, avi or gif), the file's bytes in base64 "
+            "(or a data: URI); the model's number of frames is sampled uniformly and goes before "
+            "the images",
         )
 
     class ClassifyRequest(InputBase):
