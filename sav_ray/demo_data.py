@@ -10,6 +10,17 @@ the seed.
 writes data/demo/images/{train,test}/*.png and the manifests data/demo/train.jsonl and
 data/demo/test.jsonl, whose rows hold `image` (a path relative to the manifest), `question`
 and `label`.
+
+`make_text_dataset` (`--text`) writes a text-only set for text LLM base models instead: rows
+with `question` and `label` only, a short sentence about an animal or a vehicle.
+
+A generated video data set: `make_video_dataset` (`--videos`) writes short GIFs of a square
+moving left or right (`VIDEO_CLASSES`), wrapping around the edges from a uniformly random
+start, so no single frame tells the classes apart: only the order of the frames does. Its
+manifests' rows hold `video`, `question` and `label` (no image field: fit them with
+`--image-field ""`).
+
+    python -m sav_ray.demo_data data/demo-video --videos
 """
 
 from __future__ import annotations
@@ -31,6 +42,8 @@ _CLASSES = (
     ("cyan_bar", (40, 200, 210), "bar"),
 )
 DEMO_CLASSES = tuple(label for label, _, _ in _CLASSES)
+VIDEO_CLASSES = ("moves_left", "moves_right")
+_VIDEO_BACKGROUND, _VIDEO_SQUARE = (120, 120, 120), (240, 200, 40)
 
 
 def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> Image.Image:
@@ -105,6 +118,86 @@ def make_dataset(
     return manifests
 
 
+# label -> the words only its sentences use; the filler words are shared by both classes
+_TEXT_CLASSES = {"animal": ("cat", "dog", "bird"), "vehicle": ("car", "boat", "road")}
+_FILLER = "the a small large red green blue black white left right in on of and is".split()
+
+
+def make_text_dataset(
+    out_dir: str | Path, *, train_per_class: int = 20, test_per_class: int = 10, seed: int = 0
+) -> dict[str, Path]:
+    """Write text-only train/test manifests (`question`, `label`; no image field); return
+    {"train": path, "test": path}. Each sentence mixes filler words with one or two words of
+    its class."""
+    if train_per_class < 1 or test_per_class < 1:
+        raise ValueError("train_per_class and test_per_class must be at least 1")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    manifests = {}
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        rows = []
+        for _ in range(per_class):
+            for label, own in _TEXT_CLASSES.items():
+                words = list(rng.choice(_FILLER, size=rng.integers(3, 8)))
+                for word in rng.choice(own, size=rng.integers(1, 3)):
+                    words.insert(int(rng.integers(len(words) + 1)), str(word))
+                rows.append({"question": " ".join(words).capitalize() + ".", "label": label})
+        manifests[split] = out_dir / f"{split}.jsonl"
+        manifests[split].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return manifests
+
+
+def _moving_square(rng: np.random.Generator, label: str, frames: int, size: int) -> list:
+    """Frames of a square moving one way, wrapping around the edges: its start is uniform over
+    the frame, so every frame alone is a square at a uniformly random place in either class."""
+    side = size // 4
+    step = max(1, size // (2 * frames))  # under half the width in all: the direction is clear
+    canvas = np.full((size, size, 3), _VIDEO_BACKGROUND, dtype=np.uint8)  # [height, width, 3]
+    y = int(rng.integers(0, size - side + 1))
+    canvas[y : y + side, :side] = _VIDEO_SQUARE
+    x0 = int(rng.integers(0, size))
+    sign = -1 if label == "moves_left" else 1
+    return [Image.fromarray(np.roll(canvas, x0 + sign * step * t, axis=1)) for t in range(frames)]
+
+
+def write_gif(frames: list, path: str | Path, frame_ms: int = 100) -> None:
+    """An animated GIF of RGB frames (lossless for images of few colours)."""
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+
+
+def make_video_dataset(
+    out_dir: str | Path,
+    *,
+    train_per_class: int = 4,
+    test_per_class: int = 2,
+    frames: int = 6,
+    size: int = 32,
+    seed: int = 0,
+    question: str = "Which way does the square move?",
+) -> dict[str, Path]:
+    """Write the GIFs and the train/test manifests; return {"train": path, "test": path}.
+    Rows go round `VIDEO_CLASSES` in turn."""
+    if train_per_class < 1 or test_per_class < 1:
+        raise ValueError("train_per_class and test_per_class must be at least 1")
+    if frames < 2 or size < 16:
+        raise ValueError(f"need at least 2 frames and 16 pixels, got {frames} and {size}")
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    manifests = {}
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        (out_dir / "videos" / split).mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i in range(per_class):
+            for label in VIDEO_CLASSES:
+                relative = f"videos/{split}/{label}_{i:03d}.gif"
+                write_gif(_moving_square(rng, label, frames, size), out_dir / relative)
+                rows.append({"video": relative, "question": question, "label": label})
+        manifests[split] = out_dir / f"{split}.jsonl"
+        manifests[split].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return manifests
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
@@ -113,7 +206,21 @@ def main() -> None:
     parser.add_argument("--test-per-class", type=int, default=10)
     parser.add_argument("--size", type=int, default=56)
     parser.add_argument("--seed", type=int, default=0)
+    sets = parser.add_mutually_exclusive_group()
+    sets.add_argument("--text", action="store_true", help="a text-only set (text LLMs)")
+    sets.add_argument(
+        "--videos", action="store_true", help="the moving-square video set instead of images"
+    )
     args = parser.parse_args()
+    if args.text or args.videos:
+        paths = (make_text_dataset if args.text else make_video_dataset)(
+            args.out_dir,
+            train_per_class=args.train_per_class,
+            test_per_class=args.test_per_class,
+            seed=args.seed,
+        )
+        print(f"train: {paths['train']}\ntest:  {paths['test']}")
+        return
     paths = make_dataset(
         args.out_dir,
         classes=args.classes,
