@@ -94,6 +94,15 @@ def small_data(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("small_data"), train_per_class=6, test_per_class=3)
 
 
+@pytest.fixture(scope="session")
+def video_data(tmp_path_factory):
+    """{"train": manifest, "test": manifest}: moving-square GIFs (6 frames, 32 px), 2 classes,
+    4 train and 2 test each; rows hold `video`, `question`, `label` and no image field."""
+    from sav_ray.demo_data import make_video_dataset
+
+    return make_video_dataset(tmp_path_factory.mktemp("video_data"))
+
+
 def _manifest_examples(path):
     """(examples, labels) of a manifest, images loaded: the in-process view of its rows."""
     from sav_ray.images import load_image
@@ -119,40 +128,54 @@ def manifest_examples():
     return _manifest_examples
 
 
-@pytest.fixture(scope="session")
-def demo_sav(demo_model_dir, small_data, tmp_path_factory):
-    """(LoadedModel, artifact folder, SavArtifact): the demo model's SAV (k=10) on small_data,
-    fitted in-process with the core functions (no Ray), written with the one writer."""
+def _fit_in_process(lm, examples, labels_of_rows, prompt, k):
+    """The SavArtifact (not written) of `examples` fitted with the core functions (no Ray):
+    `paper` selection of k heads."""
     import numpy as np
 
     from sav_ray import reduce
-    from sav_ray.artifact import SavArtifact, Selection, write_artifact
+    from sav_ray.artifact import SavArtifact, Selection
     from sav_ray.capture import capture_examples
-    from sav_ray.models import load_model
-    from sav_ray.prompts import PromptConfig
 
-    lm = load_model(str(demo_model_dir))
-    examples, labels_of_rows = _manifest_examples(small_data["train"])
     labels = tuple(sorted(set(labels_of_rows)))
     y = np.array([labels.index(label) for label in labels_of_rows])  # [n]
-    vectors = capture_examples(lm, examples, PromptConfig())  # [n, layer, head, head_dim]
+    vectors = capture_examples(lm, examples, prompt)  # [n, layer, head, head_dim]
     sums = reduce.ClassSums.from_batch(labels, vectors, y)
     scores = reduce.head_hits(vectors, y, sums, "paper").scores()  # [layer, head]
-    heads = reduce.select_heads(scores, 10)  # [k, 2]
-    artifact = SavArtifact(
+    heads = reduce.select_heads(scores, k)  # [k, 2]
+    return SavArtifact(
         labels=list(labels),
         heads=heads,
         centroids=reduce.gather_heads(sums.centroids(), heads),  # [class, k, head_dim]
         base_model=lm.info,
-        prompt=PromptConfig(),
+        prompt=prompt,
         selection=Selection(
             method="paper",
-            k=10,
+            k=k,
             examples_per_class={lab: int(c) for lab, c in zip(labels, sums.counts, strict=True)},
             scores=[float(scores[layer, head]) for layer, head in heads],
         ),
         head_scores=scores.astype(np.float32),
     )
+
+
+@pytest.fixture(scope="session")
+def fit_in_process():
+    """(lm, examples, labels, prompt, k) -> SavArtifact fitted in-process (paper selection)."""
+    return _fit_in_process
+
+
+@pytest.fixture(scope="session")
+def demo_sav(demo_model_dir, small_data, tmp_path_factory):
+    """(LoadedModel, artifact folder, SavArtifact): the demo model's SAV (k=10) on small_data,
+    fitted in-process with the core functions (no Ray), written with the one writer."""
+    from sav_ray.artifact import write_artifact
+    from sav_ray.models import load_model
+    from sav_ray.prompts import PromptConfig
+
+    lm = load_model(str(demo_model_dir))
+    examples, labels_of_rows = _manifest_examples(small_data["train"])
+    artifact = _fit_in_process(lm, examples, labels_of_rows, PromptConfig(), 10)
     out = tmp_path_factory.mktemp("demo_sav") / "sav"
     return lm, out, write_artifact(artifact, out)
 

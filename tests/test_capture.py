@@ -10,29 +10,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from sav_ray.capture import HeadCapture, capture_examples, capture_inputs
 from sav_ray.models import ModelLayoutError, find_heads
 from sav_ray.prompts import Example, PromptConfig, encode
+from sav_ray.serving import LayerCounter
+from sav_ray.tiny import sample_examples
 
 ARCHS = ["qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava", "gemma3"]
 PROMPT = PromptConfig()
-
-
-def image(seed: int, size: tuple[int, int]) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
-def examples() -> list[Example]:
-    return [
-        Example("What is in the image?", [image(0, (56, 56))]),
-        Example(
-            "a much longer question about the picture shown here, please", [image(1, (40, 64))]
-        ),
-        Example("Compare <image> with <image>: same?", [image(2, (56, 48)), image(3, (32, 32))]),
-    ]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -49,12 +35,12 @@ def test_geometry_comes_from_o_proj(lm):
 
 
 def test_o_proj_of_captured_vector_equals_o_proj_output(lm, o_proj_identity):
-    vectors = o_proj_identity(lm, dict(encode(lm.processor, examples()[:2], PROMPT)))
+    vectors = o_proj_identity(lm, dict(encode(lm.processor, sample_examples()[:2], PROMPT)))
     assert vectors.shape == (2, lm.info.num_layers, lm.info.num_heads, lm.info.head_dim)
 
 
 def test_padded_batch_equals_one_at_a_time(lm):
-    exs = examples()
+    exs = sample_examples()
     batch = capture_examples(lm, exs, PROMPT)
     single = np.concatenate([capture_examples(lm, [ex], PROMPT) for ex in exs])
     assert batch.shape == (3, lm.info.num_layers, lm.info.num_heads, lm.info.head_dim)
@@ -63,7 +49,7 @@ def test_padded_batch_equals_one_at_a_time(lm):
 
 
 def test_right_padding_finds_the_last_real_token(lm):
-    exs = examples()[:2]
+    exs = sample_examples()[:2]
     left = capture_examples(lm, exs, PROMPT)
     tokenizer = lm.processor.tokenizer
     tokenizer.padding_side = "right"
@@ -77,25 +63,19 @@ def test_right_padding_finds_the_last_real_token(lm):
 
 
 def test_early_exit_gives_same_vectors_and_skips_later_layers(lm):
-    exs = examples()
+    exs = sample_examples()
     full = capture_examples(lm, exs, PROMPT)
-    layers_run: list[int] = []
-    decoder_layers = lm.model.get_decoder().layers
-    handles = [
-        layer.register_forward_pre_hook(lambda m, a, i=i: layers_run.append(i))
-        for i, layer in enumerate(decoder_layers)
-    ]
+    counter = LayerCounter(lm.model)
     try:
         early = capture_examples(lm, exs, PROMPT, layers=[0, 1], early_exit=True)
     finally:
-        for h in handles:
-            h.remove()
+        counter.remove()
     np.testing.assert_array_equal(early, full[:, :2])
-    assert max(layers_run) == 1  # layers 2 and 3 never ran
+    assert counter.counts == [1, 1, 0, 0]  # layers 2 and 3 never ran
 
 
 def test_text_only_rows_and_two_images_in_one_batch(lm):
-    exs = [examples()[2], Example("no image here, just words", [])]
+    exs = [sample_examples()[2], Example("no image here, just words", [])]
     batch = capture_examples(lm, exs, PROMPT)
     text_only = capture_examples(lm, exs[1:], PROMPT)
     np.testing.assert_allclose(batch[1:], text_only, atol=1e-5, rtol=0)
@@ -113,7 +93,7 @@ def test_hooks_are_removed_even_on_error(lm):
 
 
 def test_system_prompt_and_template_change_the_prompt(lm):
-    ex = examples()[:1]
+    ex = sample_examples()[:1]
     plain = capture_examples(lm, ex, PROMPT)
     framed = capture_examples(
         lm, ex, PromptConfig(text_template="Question: {text} Answer:", system_prompt="Be brief.")

@@ -58,6 +58,7 @@ def test_every_format_reads_to_the_same_table(tmp_path, suffix):
             "row": 1,
             "id": "1",
             "images": [str(tmp_path / "imgs/a.png")],
+            "video": None,
             "text": "What is it?",
             "label": "cat",
         },
@@ -65,11 +66,19 @@ def test_every_format_reads_to_the_same_table(tmp_path, suffix):
             "row": 2,
             "id": "2",
             "images": [str(tmp_path / "imgs/b.png")],
+            "video": None,
             "text": "Which animal?",
             "label": "dog",
         },
-        {"row": 3, "id": "3", "images": [], "text": "Text only, with a comma", "label": "cat"},
-        {"row": 4, "id": "4", "images": ["/abs/c.png"], "text": "", "label": "bird"},
+        {
+            "row": 3,
+            "id": "3",
+            "images": [],
+            "video": None,
+            "text": "Text only, with a comma",
+            "label": "cat",
+        },
+        {"row": 4, "id": "4", "images": ["/abs/c.png"], "video": None, "text": "", "label": "bird"},
     ]
 
 
@@ -339,7 +348,7 @@ def test_check_image_files_names_the_first_missing_row_and_counts_them(tmp_path)
         check_image_files(table)
     message = str(info.value)
     assert message.startswith(f"{path}: row 3: image file not found: {gone} ")
-    assert "(2 missing image file(s) in 2 row(s))" in message
+    assert "(2 missing file(s) in 2 row(s))" in message
 
     check_image_files(table.slice(0, 2))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,37 +18,8 @@ from sav_ray.preflight import check_model, load_config, meta_model
 from sav_ray.prompts import PromptConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def mllama_config_folder(out: Path) -> Path:
-    """A tiny Mllama config: image-text-to-text, but its cross-attention decoder layers have no
-    self_attn.o_proj, a layout sav-ray refuses. Preflight needs nothing but config.json."""
-    from transformers import MllamaConfig
-
-    text = {
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "intermediate_size": 64,
-        "vocab_size": 512,
-        "cross_attention_layers": [1],
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    }
-    vision = {
-        "hidden_size": 32,
-        "num_hidden_layers": 1,
-        "num_global_layers": 1,
-        "attention_heads": 2,
-        "intermediate_size": 32,
-        "image_size": 56,
-        "patch_size": 14,
-        "vision_output_dim": 64,
-    }
-    MllamaConfig(text_config=text, vision_config=vision).save_pretrained(out)
-    return out
+sys.path.insert(0, str(ROOT / "jobs"))
+import fit as fit_job  # noqa: E402
 
 
 def copy_without(src: Path, out: Path, drop) -> Path:
@@ -61,17 +33,24 @@ def copy_without(src: Path, out: Path, drop) -> Path:
 @pytest.fixture(scope="module")
 def bad_models(demo_model_dir, tmp_path_factory):
     """name -> (model folder, words the error must contain)."""
-    from transformers import BertConfig
+    from transformers import Florence2Config, GPT2Config, ViTConfig
 
     base = tmp_path_factory.mktemp("bad_models")
-    bert = base / "bert"
-    BertConfig(
+    vit = base / "vit"
+    ViTConfig(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
-    ).save_pretrained(bert)
+    ).save_pretrained(vit)
+    gpt2 = base / "gpt2"  # a causal LM whose blocks are transformer.h[i].attn.c_proj
+    GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64).save_pretrained(gpt2)
+    Florence2Config().save_pretrained(base / "florence2")  # image-text-to-text, but enc-dec
     (base / "empty").mkdir()
     return {
-        "layout": (mllama_config_folder(base / "mllama"), "unsupported model layout"),
-        "not_vlm": (bert, "not an image-text-to-text model"),
+        "layout": (gpt2, "unsupported model layout"),
+        "not_generative": (vit, "neither an image-text-to-text model nor a causal language"),
+        "encoder_decoder": (
+            base / "florence2",
+            "is an encoder-decoder: the prompt goes to its encoder",
+        ),
         "no_config": (base / "empty", "no config.json"),
         "no_folder": (base / "missing", "no such folder"),
         "no_processor": (
@@ -80,7 +59,8 @@ def bad_models(demo_model_dir, tmp_path_factory):
         ),
         "no_template": (
             copy_without(demo_model_dir, base / "no_template", lambda n: "chat_template" in n),
-            "no chat template",
+            "no chat template (chat_template.jinja), and sav-ray builds every prompt with one; "
+            "fit with --chat-template FILE",
         ),
     }
 
@@ -97,7 +77,16 @@ def test_geometry_from_the_config_alone_matches_the_loaded_model(demo_model_dir,
 
 
 @pytest.mark.parametrize(
-    "case", ["layout", "not_vlm", "no_config", "no_folder", "no_processor", "no_template"]
+    "case",
+    [
+        "layout",
+        "not_generative",
+        "encoder_decoder",
+        "no_config",
+        "no_folder",
+        "no_processor",
+        "no_template",
+    ],
 )
 def test_each_problem_is_one_line_naming_the_flag_and_model(bad_models, case):
     import ray
@@ -120,7 +109,7 @@ def test_a_template_that_fails_on_the_first_row_names_the_row(demo_model_dir, tm
         check_model(ModelConfig(model=str(model)), PromptConfig(), read_manifest(manifest))
 
 
-@pytest.mark.parametrize("case", ["layout", "no_processor"])
+@pytest.mark.parametrize("case", ["layout", "no_processor", "no_template"])
 def test_the_job_stops_before_ray_starts(
     bad_models, small_data, tmp_path, case, fit_job_in_fresh_ray
 ):
@@ -134,3 +123,21 @@ def test_the_job_stops_before_ray_starts(
     assert 1 <= len(lines) <= 5, proc.stderr
     assert lines[-1].startswith(f"error: --model {folder}: ") and words in lines[-1]
     assert "Ray" not in proc.stdout + proc.stderr
+
+
+def test_an_encoder_decoder_model_ends_the_fit_before_ray_starts(
+    bad_models, small_data, tmp_path, capsys
+):
+    """In process (the subprocess path is tested above): one line with the cause, exit 2."""
+    import ray
+
+    folder, words = bad_models["encoder_decoder"]
+    out = tmp_path / "sav"
+    code = fit_job.main(
+        ["--model", str(folder), "--train", str(small_data["train"]), "--output", str(out)]
+    )
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --model {folder}: ")
+    assert words in lines[0] and "decoder-only" in lines[0]
+    assert not ray.is_initialized()

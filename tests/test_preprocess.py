@@ -161,7 +161,7 @@ def test_fit_records_max_image_pixels_and_predict_reuses_it(
     fitted, _ = fit(cfg)
     write_artifact(fitted, tmp_path / "sav")
     artifact = load_artifact(tmp_path / "sav")
-    prep = Preprocessing(max_image_pixels=LIMIT)
+    prep = Preprocessing(max_image_pixels=LIMIT, video_input="images")  # no video processor here
     assert artifact.preprocessing == prep
     assert artifact.preprocessing_applied["settings"]["size"]["longest_edge"] == LIMIT
     # a refit from the saved vectors keeps the resolution they were taken at

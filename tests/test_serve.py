@@ -6,6 +6,7 @@ One application serves, for the whole module:
   alien    a folder fitted "on another revision" (refused: 409)
   reg      models:/sav-serve-test@production in a sqlite MLflow registry (version 1 = shapes,
            version 2 = circles, registered as candidate)
+  moves    a video classifier (moving squares, 3 frames per video given as images)
 The expected answers come from the code jobs/predict.py runs (`ClassifyRows`, in process).
 The test that kills the classifier replica runs last.
 """
@@ -41,12 +42,13 @@ TIMEOUT = 90  # seconds per HTTP call: every call returns or the test fails, non
 # --- fixture: artifacts, registry, server -----------------------------------------------------
 
 
-def fit_artifact(lm, vectors, labels, layers, k, out):
+def fit_artifact(lm, vectors, labels, layers, k, out, preprocessing=None):
     """A SAV artifact from captured vectors [n, layer, head, head_dim], heads only from `layers`
     (so the artifacts differ in their deepest layer)."""
     from sav_ray import reduce
     from sav_ray.artifact import SavArtifact, Selection, write_artifact
     from sav_ray.prompts import PromptConfig
+    from sav_ray.resolution import Preprocessing
 
     names = sorted(set(labels))
     y = np.array([names.index(label) for label in labels])
@@ -68,6 +70,7 @@ def fit_artifact(lm, vectors, labels, layers, k, out):
             {n: int(c) for n, c in zip(names, sums.counts, strict=True)},
             [float(scores[layer, head]) for layer, head in heads],
         ),
+        preprocessing=preprocessing or Preprocessing(),
     )
     return write_artifact(artifact, out)
 
@@ -79,7 +82,8 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, url, mlflow_uri, images, test_manifest, expected, artifacts, lm):
+    def __init__(self, url, mlflow_uri, images, test_manifest, expected, artifacts, lm, videos):
+        self.videos = videos  # the video test rows' (text, base64 GIF)
         self.url = url
         self.mlflow_uri = mlflow_uri
         self.images = images  # test images, base64
@@ -103,7 +107,7 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(local_ray, demo_model_dir, demo_data, manifest_examples, tmp_path_factory):
+def server(local_ray, demo_model_dir, demo_data, video_data, manifest_examples, tmp_path_factory):
     from ray import serve
 
     from sav_ray.artifact import write_artifact
@@ -113,9 +117,11 @@ def server(local_ray, demo_model_dir, demo_data, manifest_examples, tmp_path_fac
     from sav_ray.models import load_model
     from sav_ray.predicting import ClassifyRows
     from sav_ray.preprocess import object_column, preprocess_rows
-    from sav_ray.prompts import PromptConfig
+    from sav_ray.prompts import Example, PromptConfig
     from sav_ray.registry import promote, register_artifact
+    from sav_ray.resolution import Preprocessing
     from sav_ray.tracking import run, use_store
+    from sav_ray.video import load_video
     from serve.app import application
     from serve.schemas import AppConfig
 
@@ -158,12 +164,37 @@ def server(local_ray, demo_model_dir, demo_data, manifest_examples, tmp_path_fac
     test_examples, _ = manifest_examples(demo_data["test"])
     images = [base64.b64encode(_png(ex.images[0])).decode() for ex in test_examples]
 
+    # the video classifier: 3 frames per video (not the default 8), as images
+    prep = Preprocessing(video_frames=3, video_input="images")
+    no_image = ManifestFields(image=())
+    train = read_manifest(video_data["train"], no_image)
+    train_examples = [
+        Example(text=t, images=[], video=load_video(p, 3))
+        for p, t in zip(train["video"].to_pylist(), train["text"].to_pylist(), strict=True)
+    ]
+    vectors = capture_examples(lm, train_examples, PromptConfig(), preprocessing=prep)
+    moves = fit_artifact(
+        lm, vectors, train["label"].to_pylist(), [1, 2], 6, tmp / "moves", preprocessing=prep
+    )
+    table = read_manifest(video_data["test"], no_image)
+    columns = {k: object_column(v) for k, v in table.to_pydict().items()}
+    test = preprocess_rows(
+        columns, str(demo_model_dir), None, PromptConfig().to_dict(), prep.to_dict()
+    )
+    rows = ClassifyRows(ModelConfig(model=str(demo_model_dir)), moves)(test)
+    expected["moves"] = [json.loads(p) for p in rows["prediction"]]
+    videos = [
+        (t, base64.b64encode(open(p, "rb").read()).decode())
+        for p, t in zip(table["video"].to_pylist(), table["text"].to_pylist(), strict=True)
+    ]
+
     config = AppConfig(
         models=[
             {"name": "shapes", "ref": str(tmp / "shapes")},
             {"name": "circles", "ref": str(tmp / "circles")},
             {"name": "alien", "ref": str(tmp / "alien")},
             {"name": "reg", "ref": f"models:/{REGISTERED}@production"},
+            {"name": "moves", "ref": str(tmp / "moves")},
         ],
         tracking_uri=uri,
         poll_interval_s=1.5,
@@ -176,6 +207,7 @@ def server(local_ray, demo_model_dir, demo_data, manifest_examples, tmp_path_fac
             "max_inputs": 16,
             "max_image_bytes": 100_000,
             "max_image_pixels": 250_000,
+            "max_video_frames": 8,
         },
     )
     port = free_port()
@@ -195,7 +227,7 @@ def server(local_ray, demo_model_dir, demo_data, manifest_examples, tmp_path_fac
         route_prefix="/",
     )
     yield Server(
-        f"http://127.0.0.1:{port}", uri, images, demo_data["test"], expected, artifacts, lm
+        f"http://127.0.0.1:{port}", uri, images, demo_data["test"], expected, artifacts, lm, videos
     )
     serve.shutdown()
 
@@ -225,7 +257,7 @@ def test_models_are_listed_with_versions_and_the_alien_refused(server):
     assert models["reg"]["version"] == "1", models["reg"]["error"]
     assert models["reg"]["model_id"] == f"models:/{REGISTERED}/1"
     assert models["alien"]["status"] == "error" and "revision" in models["alien"]["error"]
-    assert server.get("/healthz", headers={}).json()["models_ready"] == 3
+    assert server.get("/healthz", headers={}).json()["models_ready"] == 4
 
 
 def test_predictions_over_http_equal_batch_prediction(server):
@@ -285,6 +317,21 @@ def test_layers_after_the_deepest_selected_one_never_run(server):
     assert layers_run[deepest + 1 :] == [0] * (len(layers_run) - deepest - 1), layers_run
 
 
+def test_videos_are_classified_as_predict_does_and_an_over_limit_one_gets_413(server, tmp_path):
+    from sav_ray.demo_data import write_gif
+
+    inputs = [{"text": text, "video": video} for text, video in server.videos]
+    r = server.post({"model": "moves", "inputs": inputs})
+    assert r.status_code == 200, r.text
+    assert_same(r.json()["outputs"], server.expected["moves"])
+    frames = [Image.new("RGB", (16, 16), (20 * t, 0, 0)) for t in range(12)]  # over 8 frames
+    write_gif(frames, tmp_path / "long.gif")
+    long = base64.b64encode((tmp_path / "long.gif").read_bytes()).decode()
+    r = server.post({"model": "moves", "inputs": [inputs[0], {"text": "q", "video": long}]})
+    assert r.status_code == 413, r.text
+    assert r.json()["detail"].startswith("inputs[1].video: more than 8 frames")
+
+
 def png_b64(width, height, noise=False) -> str:
     rng = np.random.default_rng(0)
     pixels = (
@@ -326,6 +373,18 @@ def bad_requests(server):
         ("unknown field", {"json": {**one([good]), "modle": "x"}}, 422, "modle"),
         ("bad base64", {"json": one(["@@@"])}, 400, "inputs[0].images[0]: not valid base64"),
         ("not an image", {"json": one([base64.b64encode(b"hello").decode()])}, 400, "not an image"),
+        (
+            "video not base64",
+            {"json": {"model": "moves", "inputs": [{"video": "@@@"}]}},
+            400,
+            "inputs[0].video: not valid base64",
+        ),
+        (
+            "not a video",
+            {"json": {"model": "moves", "inputs": [{"video": base64.b64encode(b"hi").decode()}]}},
+            400,
+            "inputs[0].video: not a video",
+        ),
         ("too many pixels", {"json": one([png_b64(600, 600)])}, 413, "pixels"),
         ("too many bytes", {"json": one([png_b64(200, 200, noise=True)])}, 413, "100000 bytes"),
         ("body too large", {"json": one(["A" * 1_100_000])}, 413, "request body"),
@@ -373,7 +432,7 @@ def test_each_bad_request_gets_its_4xx_and_the_server_still_answers(server):
 
 # --- fuzzing from /openapi.json -------------------------------------------------------------
 
-SERVED = ["shapes", "circles", "alien", "reg"]
+SERVED = ["shapes", "circles", "alien", "reg", "moves"]
 ANY_JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
     lambda inner: (
@@ -561,6 +620,62 @@ def test_a_rollback_is_followed_within_the_poll_interval(server):
     body = server.classify("reg", [4]).json()
     assert body["version"] == "1"
     assert_same(body["outputs"], [server.expected["shapes"][4]])
+
+
+# --- a text LLM as base model: a second application on the same Serve instance ---------------
+
+
+def test_a_text_llm_server_classifies_text_and_refuses_images(server, tiny_model, tmp_path):
+    """Its own Classifier (one base model per application): the tiny Qwen2 text LLM, with a SAV
+    fitted in process; answers equal `predict_examples`; an image is a 422 naming the field."""
+    from ray import serve
+
+    from sav_ray.capture import capture_examples
+    from sav_ray.classify import predict_examples
+    from sav_ray.demo_data import make_text_dataset
+    from sav_ray.prompts import Example, PromptConfig
+    from serve.app import application
+    from serve.schemas import AppConfig
+
+    lm = tiny_model("qwen2")
+    data = make_text_dataset(tmp_path / "data", train_per_class=8, test_per_class=3)
+    train, test = (
+        [json.loads(line) for line in data[split].read_text().splitlines()]
+        for split in ("train", "test")
+    )
+    vectors = capture_examples(lm, [Example(r["question"], []) for r in train], PromptConfig())
+    labels = [r["label"] for r in train]
+    artifact = fit_artifact(lm, vectors, labels, range(lm.info.num_layers), 6, tmp_path / "sav")
+    expected = predict_examples(lm, artifact, [Example(r["question"], []) for r in test])
+
+    config = AppConfig(
+        models=[{"name": "intent", "ref": str(tmp_path / "sav")}],
+        poll_interval_s=0,
+        token_env="SAV_TEXT_TEST_TOKEN_UNSET",
+    )
+    quarter = {"ray_actor_options": {"num_cpus": 0.25}}
+    serve.run(
+        application(
+            config, classifier_options={"num_replicas": 1, **quarter}, ingress_options=quarter
+        ),
+        name="text",
+        route_prefix="/text",
+    )
+    try:
+        url = f"{server.url}/text/v1/classify"
+        inputs = [{"text": r["question"]} for r in test]
+        r = requests.post(url, json={"model": "intent", "inputs": inputs}, timeout=TIMEOUT)
+        assert r.status_code == 200, r.text
+        assert_same(r.json()["outputs"], [p.to_dict() for p in expected])
+        image = {"text": "cat?", "images": [server.images[0]]}
+        r = requests.post(
+            url, json={"model": "intent", "inputs": [inputs[0], image]}, timeout=TIMEOUT
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"].startswith("inputs[1].images: the base model ")
+        assert "takes text only" in r.json()["detail"]
+    finally:
+        serve.delete("text")
 
 
 # --- last: a replica dies -----------------------------------------------------------------------
