@@ -5,6 +5,8 @@ so a model sees the same pixels in both. Untrusted input is bounded before it is
 the encoded size (`ImageLimits.max_bytes`) and the pixel count read from the header
 (`ImageLimits.max_pixels`), so a small file that expands to a huge image (a decompression
 bomb) is refused without being decoded. Only common photo formats are opened (`IMAGE_FORMATS`).
+Conversion to 8-bit RGB avoids whole-image float copies (16-bit greyscale is scaled in strips of
+rows), so a server decoding several large images at once holds little beyond the images.
 """
 
 from __future__ import annotations
@@ -86,6 +88,27 @@ def decode_image(
     (as transformers' `convert_to_rgb` does); 16-bit greyscale is scaled to 8 bits; only the
     first frame of an animation or multi-page file is kept.
     """
+    img = _open_checked(data, limits, what)
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except _DECODE_ERRORS as e:
+        raise ImageError(
+            f"{what}: cannot be decoded, the data is truncated or corrupt ({e})"
+        ) from None
+
+
+def image_pixels(data: bytes, limits: ImageLimits = ImageLimits(), *, what: str = "image") -> int:
+    """The pixel count of encoded image bytes, from the header alone, with the same checks and
+    errors as `decode_image` has before decoding (a server reserves memory by it)."""
+    with _open_checked(data, limits, what) as img:
+        return img.width * img.height
+
+
+def _open_checked(data: bytes, limits: ImageLimits, what: str) -> Image.Image:
+    """The image opened lazily (header read, pixels not decoded), within the byte and pixel
+    limits."""
     if not data:
         raise ImageError(f"{what}: empty (0 bytes); send the encoded image file")
     _check_bytes(len(data), limits, what)
@@ -103,18 +126,12 @@ def decode_image(
         raise ImageError(f"{what}: corrupt image header ({e})") from None
     width, height = img.size
     if width * height > limits.max_pixels:
+        img.close()
         raise ImageTooLarge(
             f"{what}: {width}x{height} is {width * height} pixels, over the limit of "
             f"{limits.max_pixels} pixels per image; resize the image"
         )
-    try:
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
-    except _DECODE_ERRORS as e:
-        raise ImageError(
-            f"{what}: cannot be decoded, the data is truncated or corrupt ({e})"
-        ) from None
+    return img
 
 
 def _check_bytes(size: int, limits: ImageLimits, what: str) -> None:
@@ -134,9 +151,33 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return Image.alpha_composite(white, rgba).convert("RGB")
     if img.mode.startswith("I"):
         # Pillow's own conversion clips 16-bit values at 255 (a white image); scale instead.
-        levels = np.asarray(img, dtype=np.float64) / 257.0  # [height, width]
-        img = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8))
+        img = _scale_to_8_bits(img)
     return img.convert("RGB")
+
+
+# Pixels per strip in `_scale_to_8_bits`: about 1 MB per int32 temporary, whatever the image size.
+_STRIP_PIXELS = 2**18
+
+
+def _scale_to_8_bits(img: Image.Image) -> Image.Image:
+    """An "I" or "I;16*" image as "L": each value v becomes rint(clip(v, 0, 65535) / 257).
+
+    Works on strips of rows: a float64 copy of the whole image (8 bytes a pixel, several
+    times over) made a 4000x4000 image cost hundreds of MB, per concurrent request.
+    """
+    width, height = img.size
+    levels = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, _STRIP_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        bottom = min(top + rows, height)
+        strip = np.array(img.crop((0, top, width, bottom)), dtype=np.int32)  # [rows, width]
+        np.clip(strip, 0, 65535, out=strip)
+        # Integer rounding equals the float rint(v / 257): v / 257 is never halfway between
+        # two integers (257 is odd), so there is no tie for the two to break differently.
+        strip += 128
+        strip //= 257
+        levels[top:bottom] = strip
+    return Image.fromarray(levels)
 
 
 def image_to_array(img: Image.Image) -> np.ndarray:

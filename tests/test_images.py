@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import tracemalloc
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from sav_ray import images
 from sav_ray.images import (
     ImageError,
     ImageLimits,
@@ -73,6 +75,82 @@ def test_16_bit_grey_is_scaled_not_clipped():
     deep = Image.fromarray(np.array([[0, 32896, 65535]], dtype=np.uint16))
     a = image_to_array(decode_image(encode(deep, "PNG")))
     assert a[0, :, 0].tolist() == [0, 128, 255]
+
+
+def float_scaled(levels: np.ndarray) -> np.ndarray:
+    """The float scaling `decode_image` used to do, as [height, width, 3] uint8: the reference
+    its integer scaling must match exactly."""
+    grey = np.clip(np.rint(levels.astype(np.float64) / 257), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def float_to_rgb(img: Image.Image) -> Image.Image:
+    """`_to_rgb` for greyscale before the change: whole-image float64 copies."""
+    levels = np.asarray(img, dtype=np.float64) / 257.0
+    return Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8)).convert("RGB")
+
+
+@pytest.mark.parametrize("strip_pixels", [None, 1000, 1])
+@pytest.mark.parametrize(
+    ("fmt", "dtype", "mode"), [("PNG", "<u2", "I;16"), ("TIFF", ">u2", "I;16B")]
+)
+def test_16_bit_grey_scaling_equals_float_rounding(monkeypatch, strip_pixels, fmt, dtype, mode):
+    if strip_pixels is not None:  # several strips, the last one short
+        monkeypatch.setattr(images, "_STRIP_PIXELS", strip_pixels)
+    rng = np.random.default_rng(0)
+    k = np.arange(255)
+    # Values next to a rounding boundary (v / 257 = k + 0.498 and k + 0.502), the extremes,
+    # then random values; and every 16-bit value once, in random order.
+    edges = np.concatenate([[0, 65535], 257 * k + 128, 257 * k + 129])
+    noisy = rng.integers(0, 65536, size=(37, 53)).ravel()
+    noisy[: len(edges)] = edges
+    every = rng.permutation(65536)
+    for levels in (noisy.reshape(37, 53), every.reshape(256, 256)):
+        data = encode(Image.fromarray(levels.astype(dtype)), fmt)
+        assert Image.open(io.BytesIO(data)).mode == mode
+        np.testing.assert_array_equal(image_to_array(decode_image(data)), float_scaled(levels))
+
+
+def test_32_bit_grey_is_clipped_then_scaled():
+    rng = np.random.default_rng(1)
+    levels = rng.integers(-(2**31), 2**31, size=(41, 29)).astype(np.int32)
+    levels[0, :8] = [-(2**31), -1, 0, 128, 129, 65535, 65536, 2**31 - 1]
+    levels[1:21] = rng.integers(-300, 65836, size=(20, 29))  # mostly in range
+    img = Image.fromarray(levels, mode="I")
+    np.testing.assert_array_equal(image_to_array(img), float_scaled(levels))
+    data = encode(img, "TIFF")  # PNG cannot store 32-bit greyscale
+    assert Image.open(io.BytesIO(data)).mode == "I"
+    np.testing.assert_array_equal(image_to_array(decode_image(data)), float_scaled(levels))
+    assert image_to_array(img)[0, :8, 0].tolist() == [0, 0, 0, 0, 1, 255, 255, 255]
+
+
+def test_16_bit_grey_decoding_memory_is_bounded(monkeypatch):
+    """Peak traced memory of decoding a 3000x3000 16-bit PNG stays under 2 bytes a pixel: the
+    8-bit result (1 byte a pixel) plus strips. tracemalloc sees numpy arrays and Python objects
+    (such as `tobytes` copies), not Pillow's own image buffers (the decoded 16-bit image, the
+    RGB result), which are needed whichever way the pixels are scaled. The old float64 path
+    peaked at about 24 bytes a pixel."""
+    side = 3000
+    y, x = np.mgrid[0:side, 0:side]
+    data = encode(Image.fromarray(((x * 21 + y * 5) % 65536).astype(np.uint16)), "PNG")
+    del x, y
+    bound = 2 * side * side
+
+    def peak(decode) -> tuple[int, Image.Image]:
+        tracemalloc.start()
+        try:
+            img = decode(data)
+            return tracemalloc.get_traced_memory()[1], img
+        finally:
+            tracemalloc.stop()
+
+    new_peak, new = peak(decode_image)
+    with monkeypatch.context() as m:
+        m.setattr(images, "_to_rgb", float_to_rgb)
+        old_peak, old = peak(decode_image)
+    assert new_peak < bound, f"{new_peak / 1e6:.1f} MB traced, bound {bound / 1e6:.1f} MB"
+    assert old_peak > 4 * bound, "the float path no longer shows what the bound is for"
+    assert new.mode == "RGB" and np.array_equal(np.asarray(new), np.asarray(old))
 
 
 def test_exif_orientation_is_applied():
