@@ -23,8 +23,7 @@ import base64
 import binascii
 import hashlib
 import re
-import urllib.error
-import urllib.request
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,8 @@ import torch
 
 from sav_ray.artifact import ARTIFACT_FILE, SavArtifact
 from sav_ray.classify import Prediction, predict_examples
-from sav_ray.images import ImageError, ImageLimits, ImageTooLarge, decode_image
+from sav_ray.fetch import FetchError, FetchTooLarge, UrlPrefix, UrlRefused, allowed_url, download
+from sav_ray.images import ImageError, ImageLimits, ImageTooLarge, decode_image, image_pixels
 from sav_ray.models import LoadedModel, decoder_layers
 from sav_ray.prompts import Example, PromptError, user_content
 from sav_ray.registry import is_registry_ref, parse_ref
@@ -72,6 +72,7 @@ class RequestLimits:
     max_image_bytes: int = 10 * 2**20
     max_image_pixels: int = 16_000_000  # per image, read from the header before decoding
     max_request_pixels: int = 32_000_000  # all images and sampled frames of a request
+    max_request_fetch_bytes: int = 32 * 2**20  # all images one request downloads (URLs)
     max_video_bytes: int = 20 * 2**20
     max_video_frames: int = 1_800  # frames decoded to count them (bounds decoding work)
     max_video_seconds: int = 120
@@ -117,12 +118,17 @@ class ImageSources:
 
     `allowed_paths`: directories whose files may be named as `file:///abs/path` (symlinks and
     `..` are resolved before the check). `allowed_url_prefixes`: URL prefixes such as
-    `https://images.example.com/` that may be fetched (redirects are not followed).
+    `https://images.example.com/` that may be fetched, compared on scheme, host, port and whole
+    path segments after normalising (`sav_ray.fetch`; redirects are not followed).
+    `url_timeout_s` bounds each wait for data, `url_deadline_s` one image's whole download and
+    `request_fetch_s` all downloads of one request.
     """
 
     allowed_paths: tuple[str, ...] = ()
     allowed_url_prefixes: tuple[str, ...] = ()
     url_timeout_s: float = 10.0
+    url_deadline_s: float = 15.0
+    request_fetch_s: float = 30.0
 
     def __post_init__(self) -> None:
         for p in self.allowed_paths:
@@ -134,12 +140,67 @@ class ImageSources:
                     f"image_sources.allowed_url_prefixes: {u!r} must be an http(s) URL with a "
                     "host and a path, e.g. 'https://images.example.com/'"
                 )
+            UrlPrefix.parse(u)  # raises naming the prefix
+        for name in ("url_timeout_s", "url_deadline_s", "request_fetch_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"image_sources.{name} must be positive")
+
+    @property
+    def url_prefixes(self) -> tuple[UrlPrefix, ...]:
+        return tuple(UrlPrefix.parse(u) for u in self.allowed_url_prefixes)
 
 
-def image_bytes(source: str, sources: ImageSources, limits: RequestLimits, what: str) -> bytes:
+# Control characters: refused in every client string before it reaches a system call or the
+# model. Text may hold tabs and line breaks; sources (paths, URLs) and names may not.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def refuse_control_characters(value: str, what: str, *, text: bool = False) -> None:
+    """RequestError 400 naming `what` if `value` holds NUL or another control character
+    (`text`: tabs and line breaks allowed)."""
+    found = (_TEXT_CONTROL if text else _CONTROL).search(value)
+    if found:
+        raise RequestError(
+            400,
+            f"{what}: holds the control character U+{ord(found.group()):04X} at position "
+            f"{found.start()}; remove it",
+        )
+
+
+class FetchBudget:
+    """What one request may still download: bytes and seconds, for all its images."""
+
+    def __init__(self, sources: ImageSources, limits: RequestLimits) -> None:
+        self.end = time.monotonic() + sources.request_fetch_s
+        self.bytes_left = limits.max_request_fetch_bytes
+
+    def spend(self, n: int, what: str, limits: RequestLimits) -> None:
+        self.bytes_left -= n
+        if self.bytes_left < 0:
+            raise RequestError(
+                413,
+                f"{what}: the request's fetched images reach over "
+                f"{limits.max_request_fetch_bytes} bytes, the limit per request; send fewer "
+                "or smaller images",
+            )
+
+
+def image_bytes(
+    source: str,
+    sources: ImageSources,
+    limits: RequestLimits,
+    what: str,
+    budget: FetchBudget | None = None,
+) -> bytes:
     """The encoded image behind one image string: base64, data: URI, file:// path or URL."""
+    if source.startswith(("http://", "https://", "file://")):
+        refuse_control_characters(source, what)
     if source.startswith(("http://", "https://")):
-        return _fetch(source, sources, limits, what)
+        budget = budget or FetchBudget(sources, limits)
+        data = _fetch(source, sources, limits, what, budget)
+        budget.spend(len(data), what, limits)
+        return data
     if source.startswith("file://"):
         return _read_file(source, sources, limits, what)
     return _base64_bytes(source, what, "image", limits.max_image_bytes, "image.png")
@@ -175,33 +236,33 @@ def _base64_bytes(source: str, what: str, kind: str, max_bytes: int, example: st
     return data
 
 
-def _fetch(url: str, sources: ImageSources, limits: RequestLimits, what: str) -> bytes:
-    if not any(url.startswith(p) for p in sources.allowed_url_prefixes):
-        raise RequestError(
-            400,
-            f"{what}: image URLs are not accepted from this prefix; send the image as base64"
-            + (
-                f" or use a URL under {list(sources.allowed_url_prefixes)}"
-                if sources.allowed_url_prefixes
-                else ""
-            ),
-        )
-    opener = urllib.request.build_opener(_NoRedirect)
+def _fetch(
+    url: str, sources: ImageSources, limits: RequestLimits, what: str, budget: FetchBudget
+) -> bytes:
+    allowed = (
+        f"; send the image as base64 or use a URL under {list(sources.allowed_url_prefixes)}"
+        if sources.allowed_url_prefixes
+        else "; send the image as base64"
+    )
+    if not sources.allowed_url_prefixes:
+        raise RequestError(400, f"{what}: image URLs are not accepted by this server{allowed}")
     try:
-        with opener.open(url, timeout=sources.url_timeout_s) as response:  # noqa: S310
-            data = response.read(limits.max_image_bytes + 1)
-    except urllib.error.HTTPError as e:
-        raise RequestError(400, f"{what}: fetching {url} failed: HTTP {e.code}") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise RequestError(400, f"{what}: fetching {url} failed: {e}") from None
-    return data  # at most one byte over the limit: `to_examples` refuses it
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A redirect could lead outside the allowlist; refuse it instead of following."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl}", headers, fp)
+        parsed = allowed_url(url, sources.url_prefixes)
+    except UrlRefused as e:
+        # from the URL alone, before any request: the same answer whether or not it exists
+        raise RequestError(400, f"{what}: this URL is not accepted: {e}{allowed}") from None
+    seconds = min(sources.url_deadline_s, budget.end - time.monotonic())
+    try:
+        return download(
+            parsed,
+            max_bytes=min(limits.max_image_bytes, max(budget.bytes_left, 0)),
+            seconds=seconds,
+            read_timeout=sources.url_timeout_s,
+        )
+    except FetchTooLarge as e:
+        raise RequestError(413, f"{what}: fetching {parsed.normalised()} failed: {e}") from None
+    except FetchError as e:
+        raise RequestError(400, f"{what}: fetching {parsed.normalised()} failed: {e}") from None
 
 
 def _read_file(uri: str, sources: ImageSources, limits: RequestLimits, what: str) -> bytes:
@@ -242,41 +303,67 @@ def to_examples(
     sources: ImageSources = ImageSources(),
     videos: Sequence[str | None] = (),
     video_frames: int = DEFAULT_VIDEO_FRAMES,
+    reserve: Callable[[int], None] | None = None,
 ) -> list[Example]:
     """Decode each input's images (bounded in bytes and pixels) and its video, if `videos`
     gives one (`video_frames` frames sampled uniformly; bytes, pixels per frame, frames and
-    seconds bounded), into an Example named `inputs[i]`; the pixels of the images and sampled
-    frames summed over the request are bounded too."""
-    examples, total_pixels = [], 0
+    seconds bounded), into an Example named `inputs[i]`.
+
+    In two passes: first every text is checked for control characters, every source is read
+    (base64, file or download, bounded by `FetchBudget`), each image's pixel count is read from
+    its header and each video's frames are sampled; the request's pixels are then bounded
+    (`max_request_pixels`) and reserved at once with `reserve(pixels)`
+    (`sav_ray.admission.Lease.reserve`: all of a request or none, so requests never hold part
+    of the budget while waiting for the rest); only then are the images decoded."""
+    for i, (text, _) in enumerate(inputs):
+        refuse_control_characters(text, f"inputs[{i}].text", text=True)
+    budget = FetchBudget(sources, limits)
     videos = list(videos) + [None] * (len(inputs) - len(videos))
-    for i, ((text, images), video) in enumerate(zip(inputs, videos, strict=True)):
-        frames = []
-        if video is not None:
-            what = f"inputs[{i}].video"
-            data = video_bytes(video, limits, what)
-            try:
-                frames = decode_video(data, video_frames, limits.video, what=what)
-            except VideoTooLarge as e:
-                raise RequestError(413, str(e)) from None
-            except VideoError as e:
-                raise RequestError(400, str(e)) from None
-            total_pixels += sum(f.width * f.height for f in frames)
-            _check_request_pixels(total_pixels, limits, what)
-        decoded = []
+    encoded: list[list[tuple[str, bytes]]] = []  # [input][image] -> (field, encoded bytes)
+    frames: list[list] = []  # [input] -> sampled video frames
+    total = 0
+    for i, ((_, images), video) in enumerate(zip(inputs, videos, strict=True)):
+        frames.append(_video_frames(video, video_frames, limits, f"inputs[{i}].video"))
+        if frames[-1]:
+            total += sum(f.width * f.height for f in frames[-1])
+            _check_request_pixels(total, limits, f"inputs[{i}].video")
+        encoded.append([])
         for j, source in enumerate(images):
             what = f"inputs[{i}].images[{j}]"
-            data = image_bytes(source, sources, limits, what)
-            try:  # bounded in bytes and pixels (from the header) before it is decoded
-                image = decode_image(data, limits.image, what=what)
-            except ImageTooLarge as e:
-                raise RequestError(413, str(e)) from None
-            except ImageError as e:
-                raise RequestError(400, str(e)) from None
-            total_pixels += image.width * image.height
-            _check_request_pixels(total_pixels, limits, what)
-            decoded.append(image)
-        examples.append(Example(text=text, images=decoded, where=f"inputs[{i}]", video=frames))
+            data = image_bytes(source, sources, limits, what, budget)
+            total += _image_call(image_pixels, data, limits, what)
+            _check_request_pixels(total, limits, what)
+            encoded[-1].append((what, data))
+    if reserve is not None and total:
+        reserve(total)
+    examples = []
+    for i, (text, _) in enumerate(inputs):
+        decoded = [_image_call(decode_image, data, limits, what) for what, data in encoded[i]]
+        encoded[i] = []  # the encoded bytes are not needed once the pixels exist
+        examples.append(Example(text=text, images=decoded, where=f"inputs[{i}]", video=frames[i]))
     return examples
+
+
+def _image_call(fn: Callable[..., Any], data: bytes, limits: RequestLimits, what: str) -> Any:
+    """`fn(data, limits.image, what=what)` with image errors as RequestErrors (413 or 400)."""
+    try:
+        return fn(data, limits.image, what=what)
+    except ImageTooLarge as e:
+        raise RequestError(413, str(e)) from None
+    except ImageError as e:
+        raise RequestError(400, str(e)) from None
+
+
+def _video_frames(video: str | None, n: int, limits: RequestLimits, what: str) -> list:
+    if video is None:
+        return []
+    data = video_bytes(video, limits, what)
+    try:
+        return decode_video(data, n, limits.video, what=what)
+    except VideoTooLarge as e:
+        raise RequestError(413, str(e)) from None
+    except VideoError as e:
+        raise RequestError(400, str(e)) from None
 
 
 def _check_request_pixels(total: int, limits: RequestLimits, what: str) -> None:

@@ -30,11 +30,13 @@ from fastapi import FastAPI, HTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from sav_ray.admission import BoundedPool, Busy, PixelBudget, peak_rss_mb
 from sav_ray.artifact import BaseModelInfo
 from sav_ray.placement import AUTO, cluster_nodes, resolve
 from sav_ray.registry import model_version
 from sav_ray.serving import (
     Resolved,
+    refuse_control_characters,
     resolve_ref,
     to_examples,
 )
@@ -110,6 +112,10 @@ class Ingress:
         self.base_model: dict[str, Any] | None = None  # as the classifier loaded it
         self.retries = 0  # classifier calls retried after a replica failure
         self._refresh_lock = asyncio.Lock()
+        # a slow image source can hold only fetch workers, never a base64 request's decoding
+        self.fetch_pool = BoundedPool("fetch", self.cfg.fetch_workers, self.cfg.fetch_queue)
+        self.decode_pool = BoundedPool("decode", self.cfg.decode_workers, self.cfg.decode_queue)
+        self.pixels = PixelBudget(self.cfg.pixel_budget, self.cfg.pixel_wait_s)
         try:
             await asyncio.wait_for(self.refresh(), self.cfg.load_timeout_s)
         except asyncio.TimeoutError:
@@ -200,6 +206,7 @@ class Ingress:
         raise AssertionError("unreachable")
 
     async def classify(self, body: Any) -> ClassifyResponse:
+        refuse_control_characters(body.model, "model")
         entry = self.entries.get(body.model)
         if entry is None:
             raise HTTPException(
@@ -221,15 +228,39 @@ class Ingress:
                     raise HTTPException(
                         422, f"inputs[{i}].{field}: {base.text_only_reason}; send the text alone"
                     )
-        examples = await asyncio.to_thread(
-            to_examples,
-            [(item.text, item.images) for item in body.inputs],
-            self.cfg.limits,
-            self.cfg.image_sources,
-            [item.video for item in body.inputs],
-            served.summary["video_frames"],
+        fetches = any(
+            source.startswith(("http://", "https://", "file://"))
+            for item in body.inputs
+            for source in item.images
         )
-        model_id = served.resolved.model_id
+        pool = self.fetch_pool if fetches else self.decode_pool
+        try:
+            with self.pixels.lease() as lease:
+                examples = await pool.run(
+                    to_examples,
+                    [(item.text, item.images) for item in body.inputs],
+                    self.cfg.limits,
+                    self.cfg.image_sources,
+                    [item.video for item in body.inputs],
+                    served.summary["video_frames"],
+                    lease.reserve,
+                )
+                for item in body.inputs:  # the encoded images are not needed any more
+                    item.images, item.video = [], None
+                replies = await self._classify_examples(served.resolved.model_id, examples)
+        except Busy as e:
+            raise HTTPException(
+                503, e.message, headers={"Retry-After": str(e.retry_after_s)}
+            ) from None
+        return ClassifyResponse(
+            model=entry.name,
+            version=served.resolved.version,
+            model_id=served.resolved.model_id,
+            artifact_hash=replies[0]["artifact_hash"],
+            outputs=[{k: r[k] for k in ("label", "votes", "scores")} for r in replies],
+        )
+
+    async def _classify_examples(self, model_id: str, examples: list) -> list[dict[str, Any]]:
         replies = await asyncio.gather(
             *(
                 self._call("classify", model_id, ex, timeout=self.cfg.request_timeout_s)
@@ -243,13 +274,17 @@ class Ingress:
         for reply in replies:
             if "error" in reply:
                 raise HTTPException(reply["status"], reply["error"])
-        return ClassifyResponse(
-            model=entry.name,
-            version=served.resolved.version,
-            model_id=model_id,
-            artifact_hash=replies[0]["artifact_hash"],
-            outputs=[{k: r[k] for k in ("label", "votes", "scores")} for r in replies],
-        )
+        return replies
+
+    def stats(self) -> dict[str, Any]:
+        """The Ingress's counters for GET /v1/stats."""
+        return {
+            "classifier_retries": self.retries,
+            "fetch_pool": self.fetch_pool.stats(),
+            "decode_pool": self.decode_pool.stats(),
+            "pixels": self.pixels.stats(),
+            "peak_rss_mb": peak_rss_mb(),
+        }
 
     def models(self) -> ModelsResponse:
         return ModelsResponse(

@@ -15,6 +15,7 @@ import ray
 import torch
 from ray import serve
 
+from sav_ray.admission import peak_rss_mb
 from sav_ray.artifact import ArtifactError, SavArtifact
 from sav_ray.models import load_model
 from sav_ray.placement import actor_placement
@@ -175,5 +176,6 @@ class Classifier:
             "placement": self.placement,
             "num_layers": len(self.layers.counts),
             "layers_run": list(self.layers.counts),
+            "peak_rss_mb": peak_rss_mb(),
             **self.batch_stats.to_dict(),
         }

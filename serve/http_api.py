@@ -14,6 +14,7 @@ from sav_ray import __version__
 from sav_ray.serving import (
     RequestError,
     RequestLimits,
+    refuse_control_characters,
 )
 from serve.classifier import RETRYABLE
 from serve.schemas import (
@@ -133,7 +134,8 @@ Errors are JSON `{"detail": "..."}` naming the field: 400 malformed JSON, base64
 401 missing or wrong bearer token (when the server has one); 404 unknown model; 409 the model's
 artifact cannot be served (e.g. fitted on another base model); 413 too large (body, image bytes,
 pixels, inputs, images per input, text, video bytes, frames or seconds); 422 wrong field or type, or an input the model cannot
-take; 503/504 the classifier is unavailable or too slow (retry).
+take; 503 the server is busy (a full pool or the pixel budget: see Retry-After) or the classifier
+is unavailable, 504 too slow (retry).
 
 When the server has a token, send `Authorization: Bearer <token>` on every route but /healthz.
 """
@@ -214,6 +216,8 @@ def build_api(ingress: "Ingress") -> FastAPI:
             curl -s -X POST localhost:8000/v1/models/reload
             curl -s -X POST 'localhost:8000/v1/models/reload?model=shapes'
         """
+        if model is not None:
+            refuse_control_characters(model, "model")
         if model is not None and model not in ingress.entries:
             raise HTTPException(404, f"model: unknown model {model!r}")
         changes = await ingress.refresh(None if model is None else [model])
@@ -237,6 +241,6 @@ def build_api(ingress: "Ingress") -> FastAPI:
             raise HTTPException(
                 503, f"the classifier is unavailable ({type(e).__name__})"
             ) from None
-        return {"classifier": classifier, "ingress": {"classifier_retries": ingress.retries}}
+        return {"classifier": classifier, "ingress": ingress.stats()}
 
     return app

@@ -8,7 +8,14 @@ configured limits (`classify_request_model`), so `/openapi.json` states them (`m
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from sav_ray.serving import ImageSources, RequestLimits
 
@@ -62,6 +69,26 @@ class AppConfig(BaseModel):
         "SAV_SERVE_TOKEN",
         description="environment variable holding the bearer token; unset or empty: no token",
     )
+    fetch_workers: int = Field(
+        4,
+        ge=1,
+        description="threads of the Ingress that fetch and decode requests with URLs or "
+        "file:// images",
+    )
+    fetch_queue: int = Field(8, ge=0, description="such requests waiting beyond those; then 503")
+    decode_workers: int = Field(
+        2, ge=1, description="threads of the Ingress that decode base64 requests"
+    )
+    decode_queue: int = Field(64, ge=0, description="such requests waiting beyond those; then 503")
+    pixel_budget: int = Field(
+        48_000_000,
+        ge=1,
+        description="decoded pixels an Ingress replica holds at once (images and video frames "
+        "of requests in flight); at least limits.max_request_pixels",
+    )
+    pixel_wait_s: float = Field(
+        5.0, ge=0, description="how long a request waits for pixel budget before a 503"
+    )
 
     @field_validator("gpus_per_replica")
     @classmethod
@@ -69,6 +96,15 @@ class AppConfig(BaseModel):
         if gpus != "auto" and gpus < 0:
             raise ValueError("gpus_per_replica must be auto or at least 0")
         return gpus
+
+    @model_validator(mode="after")
+    def _budget_fits_a_request(self) -> "AppConfig":
+        if self.pixel_budget < self.limits.max_request_pixels:
+            raise ValueError(
+                f"pixel_budget ({self.pixel_budget}) must be at least limits.max_request_pixels "
+                f"({self.limits.max_request_pixels}): a request within the limits must fit"
+            )
+        return self
 
     @field_validator("models")
     @classmethod

@@ -243,3 +243,102 @@ def fit_job_in_fresh_ray():
     """(args, timeout) -> (process, Ray's temp folder listing or None): jobs/fit.py in a
     subprocess with a Ray temp dir of its own."""
     return _fit_job_in_fresh_ray
+
+
+def _serve_on_loopback(config, token_env=None, token=None):
+    """Start Serve on a free 127.0.0.1 port and run `config`'s application at "/" (one
+    Classifier replica of 1 CPU; the Ingress with `token_env`=`token` in its environment);
+    its base URL. The caller ends it with `serve.shutdown()`."""
+    from ray import serve
+
+    from sav_ray.bench_serving import free_port
+    from serve.app import application
+
+    env = {token_env: token} if token_env else {}
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(
+        application(
+            config,
+            classifier_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}},
+            ingress_options={
+                "ray_actor_options": {"num_cpus": 0.25, "runtime_env": {"env_vars": env}}
+            },
+        ),
+        name="sav",
+        route_prefix="/",
+    )
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def serve_on_loopback():
+    return _serve_on_loopback
+
+
+class LoopbackHttp:
+    """An HTTP/1.0 server on 127.0.0.1 in threads, for tests. `routes` maps a path to the bytes
+    to answer 200 with (with their Content-Length), or to `fn(handler, stop)` that writes the
+    whole response itself. Other paths get 404. `paths` records every path asked for;
+    `close()` sets `stop` (long answers watch it) and stops the server."""
+
+    def __init__(self, routes):
+        import http.server
+        import threading
+
+        self.paths, self.stop = [], threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def do_GET(self):  # noqa: N802
+                outer.paths.append(self.path)
+                answer = routes.get(self.path)
+                if answer is None:
+                    self.send_error(404)
+                elif callable(answer):
+                    answer(self, outer.stop)
+                else:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(answer)))
+                    self.end_headers()
+                    self.wfile.write(answer)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    @staticmethod
+    def drip(length: int, chunk: bytes = b"x" * 16, every_s: float = 0.25):
+        """A route answering 200 with `Content-Length: length` and then `chunk` every `every_s`
+        seconds until the server stops (or the client goes)."""
+
+        def answer(handler, stop):
+            handler.send_response(200)
+            handler.send_header("Content-Length", str(length))
+            handler.end_headers()
+            while not stop.is_set():
+                try:
+                    handler.wfile.write(chunk)
+                    handler.wfile.flush()
+                except OSError:
+                    return
+                stop.wait(every_s)
+
+        return answer
+
+
+@pytest.fixture(scope="session")
+def loopback_http():
+    """LoopbackHttp (the class): start one with `loopback_http(routes)`, `close()` it after."""
+    return LoopbackHttp

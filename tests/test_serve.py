@@ -18,7 +18,6 @@ import dataclasses
 import io
 import json
 import shutil
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -75,12 +74,6 @@ def fit_artifact(lm, vectors, labels, layers, k, out, preprocessing=None):
     return write_artifact(artifact, out)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, url, mlflow_uri, images, test_manifest, expected, artifacts, lm, videos):
         self.videos = videos  # the video test rows' (text, base64 GIF)
@@ -107,7 +100,15 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(local_ray, demo_model_dir, demo_data, video_data, manifest_examples, tmp_path_factory):
+def server(
+    local_ray,
+    demo_model_dir,
+    demo_data,
+    video_data,
+    manifest_examples,
+    tmp_path_factory,
+    serve_on_loopback,
+):
     from ray import serve
 
     from sav_ray.artifact import write_artifact
@@ -122,7 +123,6 @@ def server(local_ray, demo_model_dir, demo_data, video_data, manifest_examples, 
     from sav_ray.resolution import Preprocessing
     from sav_ray.tracking import run, use_store
     from sav_ray.video import load_video
-    from serve.app import application
     from serve.schemas import AppConfig
 
     tmp = tmp_path_factory.mktemp("serve")
@@ -210,25 +210,8 @@ def server(local_ray, demo_model_dir, demo_data, video_data, manifest_examples, 
             "max_video_frames": 8,
         },
     )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(
-        application(
-            config,
-            classifier_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}},
-            ingress_options={
-                "ray_actor_options": {
-                    "num_cpus": 0.25,
-                    "runtime_env": {"env_vars": {"SAV_TEST_TOKEN": TOKEN}},
-                }
-            },
-        ),
-        name="sav",
-        route_prefix="/",
-    )
-    yield Server(
-        f"http://127.0.0.1:{port}", uri, images, demo_data["test"], expected, artifacts, lm, videos
-    )
+    url = serve_on_loopback(config, "SAV_TEST_TOKEN", TOKEN)
+    yield Server(url, uri, images, demo_data["test"], expected, artifacts, lm, videos)
     serve.shutdown()
 
 

@@ -4,10 +4,8 @@ references, batches where one input fails alone, and the layer counter behind ea
 from __future__ import annotations
 
 import base64
-import http.server
 import io
 import pickle
-import threading
 
 import numpy as np
 import pytest
@@ -119,32 +117,17 @@ def test_file_paths_need_an_allowlist_and_stay_inside_it(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def image_server():
+def image_server(loopback_http):
     """An HTTP server on 127.0.0.1: /a.png is an image, /moved redirects to it."""
-    body = png()
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            if self.path == "/moved":
-                self.send_response(302)
-                self.send_header("Location", "/a.png")
-                self.end_headers()
-                return
-            if self.path != "/a.png":
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def moved(handler, stop):
+        handler.send_response(302)
+        handler.send_header("Location", "/a.png")
+        handler.end_headers()
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    server = loopback_http({"/a.png": png(), "/moved": moved})
+    yield server.url
+    server.close()
 
 
 def test_urls_are_fetched_only_under_an_allowed_prefix_without_redirects(image_server):
