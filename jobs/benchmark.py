@@ -78,6 +78,7 @@ class Sizes:
     requests: dict[int, int] = field(default_factory=lambda: {1: 6, 8: 24, 16: 48})  # a round
     rounds: int = 10
     overhead_reps: int = 20
+    memory_requests: tuple[int, int] = (8, 4000)  # parallel requests, image side (16-bit PNGs)
 
 
 FULL = Sizes()
@@ -96,6 +97,7 @@ QUICK = Sizes(
     requests={1: 4, 8: 8, 16: 16},
     rounds=2,
     overhead_reps=5,
+    memory_requests=(4, 2000),
 )
 
 
@@ -254,7 +256,7 @@ def run_benchmark(
     serving_rows, serving_table = bench_serving.serving(
         work / "sav", lm, examples[0], dtype=args.dtype, device=device, threads=threads,
         clients=sizes.clients, requests=sizes.requests, rounds=sizes.rounds,
-        overhead_reps=sizes.overhead_reps,
+        overhead_reps=sizes.overhead_reps, memory_requests=sizes.memory_requests,
     )  # fmt: skip
     rows += serving_rows
 

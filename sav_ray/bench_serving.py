@@ -4,7 +4,9 @@ A closed-loop load generator on 127.0.0.1 against the real Serve app (`serve/app
 twice side by side, with dynamic batching and with `max_batch_size=1`. The load tests run in
 rounds, the two deployments back to back in alternating order at each client count, so every
 figure has a spread over rounds; the HTTP + voting overhead is paired with the bare forward.
-Wall time only: the work is spread over the Serve processes.
+Wall time only: the work is spread over the Serve processes. Then `peak_memory` sends parallel
+requests of large 16-bit images to the batched deployment and reads each process's peak
+resident memory from /v1/stats.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from sav_ray.artifact import load_artifact
 from sav_ray.bench import NO_TARGET, Row, Spread, median, spread_fields, timed_rounds
@@ -118,6 +122,7 @@ def serving(
     rounds: int,
     overhead_reps: int,
     max_batch_size: int = 16,
+    memory_requests: tuple[int, int] = (8, 4000),
 ) -> tuple[list[Row], list[dict[str, Any]]]:
     """Serve the artifact with `serve/app.py` on 127.0.0.1 (a free port) twice, with dynamic
     batching and with max_batch_size=1; load both in `rounds` rounds of 1, 8, 16 closed-loop
@@ -195,6 +200,7 @@ def serving(
             device=lm.input_device,
         )
         results = load_rounds(send, clients, requests, rounds)
+        memory = peak_memory(f"{url}/{CONFIGS['batched']}", *memory_requests)
         for app in CONFIGS.values():
             serve.delete(app)
     finally:
@@ -266,8 +272,68 @@ def serving(
                 "share of the cores varies from run to run)"
             ),
         ),
+        memory,
     ]
     return rows, table
+
+
+def png_16_bit(width: int, height: int) -> str:
+    """A 16-bit greyscale gradient PNG, base64; small (it compresses well) for its pixels."""
+    levels = (np.add.outer(np.arange(height) * 7, np.arange(width) * 16) % 65536).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(levels).save(buffer, format="PNG")  # mode I;16
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def peak_memory(url: str, parallel: int, side: int) -> Row:
+    """`parallel` requests at once, each two 16-bit `side` x `side` PNGs (2 x 16 M pixels at
+    4000: the default max_request_pixels), against an application with the default limits;
+    the peak RSS of its Ingress and Classifier replica (/v1/stats) after them."""
+    import requests as http
+
+    image = png_16_bit(side, side)
+    body = json.dumps(
+        {"model": "bench", "inputs": [{"text": "What is in the image?", "images": [image] * 2}]}
+    )
+    before = http.get(f"{url}/v1/stats", timeout=300).json()
+
+    def send(_: int) -> int:
+        headers = {"Content-Type": "application/json"}
+        return http.post(f"{url}/v1/classify", data=body, headers=headers, timeout=600).status_code
+
+    with ThreadPoolExecutor(parallel) as pool:
+        codes = list(pool.map(send, range(parallel)))
+    after = http.get(f"{url}/v1/stats", timeout=300).json()
+    ingress, classifier = after["ingress"]["peak_rss_mb"], after["classifier"]["peak_rss_mb"]
+    return Row(
+        key="serving_peak_rss",
+        title=(
+            f"Serving: peak RSS (GiB) of the Ingress and of the Classifier replica, {parallel} "
+            f"parallel requests of two 16-bit {side}x{side} PNGs"
+        ),
+        value=max(ingress, classifier) / 1024,
+        op="<=",
+        threshold=1.5,
+        measured={
+            "ingress_peak_mib_before": before["ingress"]["peak_rss_mb"],
+            "ingress_peak_mib": ingress,
+            "classifier_peak_mib_before": before["classifier"]["peak_rss_mb"],
+            "classifier_peak_mib": classifier,
+            "answered_200": codes.count(200),
+            "answered_503": codes.count(503),
+            "pixels_in_flight_peak": after["ingress"]["pixels"]["peak"],
+            "pixel_budget": after["ingress"]["pixels"]["pixels"],
+        },
+        note=(
+            "each process's peak resident memory since it started (ru_maxrss, through "
+            "/v1/stats), after the load tests and these requests; the default limits and pixel "
+            "budget; a 503 is a request the pixel budget turned away (Retry-After)"
+        ),
+        if_missed=(
+            f"Ingress {ingress:.0f} MiB, Classifier {classifier:.0f} MiB: decoded images held at "
+            "once (pixel_budget) or copies made while decoding or preprocessing them"
+        ),
+    )
 
 
 def load_rounds(
@@ -314,3 +380,54 @@ def _wait_healthy(url: str, timeout_s: float = 600) -> None:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"the Serve app at {url} did not become healthy in {timeout_s:.0f} s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The peak-memory row alone, on a fresh application with the default limits:
+
+    python -m sav_ray.bench_serving --artifact data/demo/sav     # after `make demo`
+    """
+    import argparse
+
+    import ray
+    from ray import serve
+
+    from serve.app import application
+    from serve.schemas import AppConfig
+
+    p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    p.add_argument("--artifact", required=True, help="artifact folder to serve")
+    p.add_argument("--parallel", type=int, default=8, help="requests at once (default 8)")
+    p.add_argument("--side", type=int, default=4000, help="image side in pixels (default 4000)")
+    args = p.parse_args(argv)
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/memory"
+    config = AppConfig(
+        models=[{"name": "bench", "ref": str(Path(args.artifact).resolve())}],
+        poll_interval_s=0,
+        request_timeout_s=600,
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(
+            application(
+                config,
+                classifier_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}},
+                ingress_options={"ray_actor_options": {"num_cpus": 0.5}},
+            ),
+            name="memory",
+            route_prefix="/memory",
+        )
+        _wait_healthy(url)
+        row = peak_memory(url, args.parallel, args.side)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print(json.dumps(row.to_dict(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -34,6 +34,7 @@ ROW_KEYS = [
     "early_exit",
     "serving_overhead",
     "serving_batching",
+    "serving_peak_rss",
 ]
 
 
