@@ -25,7 +25,8 @@ import hashlib
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,21 +169,25 @@ def refuse_control_characters(value: str, what: str, *, text: bool = False) -> N
         )
 
 
+def is_fetched(source: str) -> bool:
+    """Whether an image string names a file or URL the server reads, rather than base64."""
+    return source.startswith(("http://", "https://", "file://"))
+
+
 class FetchBudget:
     """What one request may still download: bytes and seconds, for all its images."""
 
     def __init__(self, sources: ImageSources, limits: RequestLimits) -> None:
         self.end = time.monotonic() + sources.request_fetch_s
-        self.bytes_left = limits.max_request_fetch_bytes
+        self.max_bytes = self.bytes_left = limits.max_request_fetch_bytes
 
-    def spend(self, n: int, what: str, limits: RequestLimits) -> None:
+    def spend(self, n: int, what: str) -> None:
         self.bytes_left -= n
         if self.bytes_left < 0:
             raise RequestError(
                 413,
-                f"{what}: the request's fetched images reach over "
-                f"{limits.max_request_fetch_bytes} bytes, the limit per request; send fewer "
-                "or smaller images",
+                f"{what}: the request's fetched images reach over {self.max_bytes} bytes, the "
+                "limit per request; send fewer or smaller images",
             )
 
 
@@ -194,12 +199,12 @@ def image_bytes(
     budget: FetchBudget | None = None,
 ) -> bytes:
     """The encoded image behind one image string: base64, data: URI, file:// path or URL."""
-    if source.startswith(("http://", "https://", "file://")):
+    if is_fetched(source):
         refuse_control_characters(source, what)
     if source.startswith(("http://", "https://")):
         budget = budget or FetchBudget(sources, limits)
         data = _fetch(source, sources, limits, what, budget)
-        budget.spend(len(data), what, limits)
+        budget.spend(len(data), what)
         return data
     if source.startswith("file://"):
         return _read_file(source, sources, limits, what)
@@ -344,26 +349,29 @@ def to_examples(
     return examples
 
 
-def _image_call(fn: Callable[..., Any], data: bytes, limits: RequestLimits, what: str) -> Any:
-    """`fn(data, limits.image, what=what)` with image errors as RequestErrors (413 or 400)."""
+@contextmanager
+def _as_request_error(too_large: type[Exception], invalid: type[Exception]) -> Iterator[None]:
+    """A decoder's errors as the client's: over a limit 413, anything else it refuses 400."""
     try:
-        return fn(data, limits.image, what=what)
-    except ImageTooLarge as e:
+        yield
+    except too_large as e:
         raise RequestError(413, str(e)) from None
-    except ImageError as e:
+    except invalid as e:
         raise RequestError(400, str(e)) from None
+
+
+def _image_call(fn: Callable[..., Any], data: bytes, limits: RequestLimits, what: str) -> Any:
+    """`fn(data, limits.image, what=what)` (decode_image or image_pixels), errors as 413/400."""
+    with _as_request_error(ImageTooLarge, ImageError):
+        return fn(data, limits.image, what=what)
 
 
 def _video_frames(video: str | None, n: int, limits: RequestLimits, what: str) -> list:
     if video is None:
         return []
     data = video_bytes(video, limits, what)
-    try:
+    with _as_request_error(VideoTooLarge, VideoError):
         return decode_video(data, n, limits.video, what=what)
-    except VideoTooLarge as e:
-        raise RequestError(413, str(e)) from None
-    except VideoError as e:
-        raise RequestError(400, str(e)) from None
 
 
 def _check_request_pixels(total: int, limits: RequestLimits, what: str) -> None:

@@ -36,6 +36,7 @@ from sav_ray.placement import AUTO, cluster_nodes, resolve
 from sav_ray.registry import model_version
 from sav_ray.serving import (
     Resolved,
+    is_fetched,
     refuse_control_characters,
     resolve_ref,
     to_examples,
@@ -228,11 +229,7 @@ class Ingress:
                     raise HTTPException(
                         422, f"inputs[{i}].{field}: {base.text_only_reason}; send the text alone"
                     )
-        fetches = any(
-            source.startswith(("http://", "https://", "file://"))
-            for item in body.inputs
-            for source in item.images
-        )
+        fetches = any(is_fetched(source) for item in body.inputs for source in item.images)
         pool = self.fetch_pool if fetches else self.decode_pool
         try:
             with self.pixels.lease() as lease:
