@@ -1,17 +1,26 @@
 """Classify inputs with a SAV artifact: capture only the selected heads' layers, stop the
 forward pass after the deepest one, and let each selected head vote (DESIGN.md).
 
-Used by `jobs/predict.py` (Ray Data: `predict_rows` on rows preprocessed in CPU tasks), the
-MLflow pyfunc wrapper and the Serve deployment (`predict_examples`: the same per-row processing
-and collate, in-process), so all three give the same labels and scores. Inputs are processed
-with the artifact's prompt and preprocessing (image resolution) config.
+Used by `jobs/predict.py` (Ray Data: rows preprocessed in CPU tasks), the MLflow pyfunc
+wrapper and the Serve deployment (`predict_examples`: the same per-row processing and collate,
+in-process), so all three give the same labels and scores. Inputs are processed with the
+artifact's prompt and preprocessing (image resolution) config.
 
     preds = predict_examples(lm, artifact, [Example(text="What is it?", images=[img])])
     preds[0].label, preds[0].votes, preds[0].scores
+
+Several artifacts on one base model share the forward pass (`predict_shared`): it runs to the
+deepest layer any of them selected and captures the union of their layers; each artifact then
+votes with its own heads. Artifacts with the same prompt and preprocessing (`input_key`) read
+the same model input, so N such classifiers cost one forward row per input, not N; an artifact
+with another prompt adds its own rows to the same batched pass.
 """
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +31,8 @@ from sav_ray.artifact import SavArtifact
 from sav_ray.capture import capture_rows
 from sav_ray.model_inputs import encode_row
 from sav_ray.models import LoadedModel
-from sav_ray.prompts import Example
+from sav_ray.prompts import Example, PromptConfig
+from sav_ray.resolution import Preprocessing
 
 
 @dataclass(frozen=True)
@@ -61,13 +71,64 @@ def predictions(artifact: SavArtifact, vectors_k: np.ndarray) -> list[Prediction
     ]
 
 
+def input_key(artifact: SavArtifact) -> str:
+    """What decides an artifact's model input for a given example: its prompt and preprocessing.
+    Artifacts with equal keys can read the same forward row."""
+    return json.dumps([artifact.prompt.to_dict(), artifact.preprocessing.to_dict()], sort_keys=True)
+
+
+def input_variants(
+    artifacts: Sequence[SavArtifact],
+) -> tuple[list[tuple[PromptConfig, Preprocessing]], list[int]]:
+    """The distinct (prompt, preprocessing) pairs the artifacts need, in order of first use,
+    and the index of each artifact's pair: a data set is encoded once per pair."""
+    variants: list[tuple[PromptConfig, Preprocessing]] = []
+    index: dict[str, int] = {}
+    variant_of = []
+    for artifact in artifacts:
+        key = input_key(artifact)
+        if key not in index:
+            index[key] = len(variants)
+            variants.append((artifact.prompt, artifact.preprocessing))
+        variant_of.append(index[key])
+    return variants, variant_of
+
+
+def union_layers(artifacts: Sequence[SavArtifact]) -> list[int]:
+    """The layers any of the artifacts selected a head in, ascending."""
+    return sorted({layer for a in artifacts for layer in needed_layers(a)})
+
+
+def predict_shared(
+    lm: LoadedModel,
+    artifacts: Sequence[SavArtifact],
+    rows: list[dict[str, torch.Tensor]],
+    rows_of: Sequence[Sequence[int]],
+    seconds: dict[str, float] | None = None,
+) -> list[list[Prediction]]:
+    """ONE forward pass over `rows` (of `encode_row`) for several artifacts on the same base
+    model, stopped after the deepest layer any of them needs; `rows_of[a]` lists the rows
+    artifact `a` classifies. Returns, per artifact, its predictions in `rows_of[a]` order: the
+    same as `predict_rows(lm, artifact, [rows[i] for i in rows_of[a]])`. `seconds`, if given,
+    gets the time spent in the forward pass and in voting added to its "forward" and "vote"."""
+    layers = union_layers(artifacts)
+    captured = capture_rows(lm, rows, layers=layers, early_exit=True)
+    started = time.perf_counter()
+    out = [
+        predictions(a, head_vectors(captured.vectors[list(idx)], layers, a))  # [n, k, D]
+        for a, idx in zip(artifacts, rows_of, strict=True)
+    ]
+    if seconds is not None:
+        seconds["forward"] = seconds.get("forward", 0.0) + captured.forward_seconds
+        seconds["vote"] = seconds.get("vote", 0.0) + time.perf_counter() - started
+    return out
+
+
 def predict_rows(
     lm: LoadedModel, artifact: SavArtifact, rows: list[dict[str, torch.Tensor]]
 ) -> list[Prediction]:
     """One forward pass over rows of `encode_row`, stopped after the deepest selected layer."""
-    layers = needed_layers(artifact)
-    vectors = capture_rows(lm, rows, layers=layers, early_exit=True).vectors
-    return predictions(artifact, head_vectors(vectors, layers, artifact))
+    return predict_shared(lm, [artifact], rows, [range(len(rows))])[0]
 
 
 def predict_examples(

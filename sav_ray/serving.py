@@ -10,8 +10,10 @@ The Serve deployments in `serve/app.py` are thin around this module:
 - `resolve_ref` maps a served model's reference (an artifact folder, `models:/NAME@ALIAS`,
   `models:/NAME/VERSION`) to an immutable model id: a registry version, or a folder pinned
   by the SHA-256 of its sav.json. A moved alias or a rewritten folder gives a new id.
-- `classify_isolated` runs one batched forward pass for one artifact; if the batch fails on
-  an input the model's processor refuses, each input is retried alone so only that one fails.
+- `classify_shared` runs one batched forward pass for a batch of inputs, each naming its own
+  artifacts on the one base model (the union of their heads, to the deepest layer any needs);
+  if the batch fails on an input the model's processor refuses, each input is retried alone so
+  only that one fails.
 - `LayerCounter` and `BatchStats` count what ran, for `GET /v1/stats`.
 
 Every error a client can cause is a `RequestError` carrying its HTTP status.
@@ -34,15 +36,17 @@ from typing import Any
 import torch
 
 from sav_ray.artifact import ARTIFACT_FILE, SavArtifact
-from sav_ray.classify import Prediction, predict_examples
+from sav_ray.classify import Prediction, input_key, predict_shared
 from sav_ray.fetch import FetchError, FetchTooLarge, UrlPrefix, UrlRefused, allowed_url, download
 from sav_ray.images import ImageError, ImageLimits, ImageTooLarge, decode_image, image_pixels
+from sav_ray.model_inputs import encode_row
 from sav_ray.models import LoadedModel, decoder_layers
 from sav_ray.prompts import Example, PromptError, user_content
 from sav_ray.registry import is_registry_ref, parse_ref
 from sav_ray.resolution import DEFAULT_VIDEO_FRAMES
 from sav_ray.video import VideoError, VideoLimits, VideoTooLarge, decode_video
 
+UPLOAD_PREFIX = "part:"  # an image written `part:NAME` is the multipart request's file part NAME
 _WHITESPACE = re.compile(rb"\s+")
 _DATA_URI = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?((?:;[\w.+-]+=[\w.+-]+)*)(;base64)?,", re.ASCII)
 
@@ -68,6 +72,7 @@ class RequestLimits:
 
     max_body_bytes: int = 32 * 2**20
     max_inputs: int = 32
+    max_models_per_request: int = 8  # names in one request's "models"
     max_images_per_input: int = 8
     max_text_chars: int = 8_000
     max_image_bytes: int = 10 * 2**20
@@ -169,9 +174,10 @@ def refuse_control_characters(value: str, what: str, *, text: bool = False) -> N
         )
 
 
-def is_fetched(source: str) -> bool:
-    """Whether an image string names a file or URL the server reads, rather than base64."""
-    return source.startswith(("http://", "https://", "file://"))
+def is_fetched(source: str | bytes) -> bool:
+    """Whether an image source names a file or URL the server reads, rather than base64 or the
+    raw bytes of an uploaded file."""
+    return isinstance(source, str) and source.startswith(("http://", "https://", "file://"))
 
 
 class FetchBudget:
@@ -192,13 +198,17 @@ class FetchBudget:
 
 
 def image_bytes(
-    source: str,
+    source: str | bytes,
     sources: ImageSources,
     limits: RequestLimits,
     what: str,
     budget: FetchBudget | None = None,
 ) -> bytes:
-    """The encoded image behind one image string: base64, data: URI, file:// path or URL."""
+    """The encoded image behind one image source: the file's bytes themselves (an upload), or a
+    string: base64, data: URI, file:// path or URL."""
+    if isinstance(source, bytes):
+        _check_size(len(source), limits, what)
+        return source
     if is_fetched(source):
         refuse_control_characters(source, what)
     if source.startswith(("http://", "https://")):
@@ -303,14 +313,15 @@ def _check_size(size: int, limits: RequestLimits, what: str) -> None:
 
 
 def to_examples(
-    inputs: Sequence[tuple[str, Sequence[str]]],
+    inputs: Sequence[tuple[str, Sequence[str | bytes]]],
     limits: RequestLimits,
     sources: ImageSources = ImageSources(),
     videos: Sequence[str | None] = (),
     video_frames: int = DEFAULT_VIDEO_FRAMES,
     reserve: Callable[[int], None] | None = None,
 ) -> list[Example]:
-    """Decode each input's images (bounded in bytes and pixels) and its video, if `videos`
+    """Decode each input's images (strings as `image_bytes` reads them, or an uploaded file's
+    bytes; bounded in bytes and pixels) and its video, if `videos`
     gives one (`video_frames` frames sampled uniformly; bytes, pixels per frame, frames and
     seconds bounded), into an Example named `inputs[i]`.
 
@@ -434,38 +445,93 @@ def check_prompt(example: Example, artifact: SavArtifact) -> None:
         raise RequestError(422, str(e)) from None
 
 
-def classify_isolated(
-    lm: LoadedModel, artifact: SavArtifact, examples: list[Example]
-) -> list[Prediction | RequestError]:
-    """Predictions for a batch; an input the processor refuses fails alone.
+def classify_shared(
+    lm: LoadedModel,
+    items: Sequence[tuple[Example, Sequence[SavArtifact]]],
+    seconds: dict[str, float] | None = None,
+) -> tuple[list[list[Prediction] | RequestError], int]:
+    """Classify a batch of inputs, each with its own artifacts (all on `lm`'s base model), in
+    ONE forward pass (`predict_shared`). Returns, per input, one Prediction per artifact it
+    named (or its RequestError), and the number of forward rows run: one per input and distinct
+    prompt (`input_key`), so artifacts sharing a prompt share a row.
 
     A processor ValueError (e.g. an image too elongated for the model) fails the whole batched
-    call, so the batch is then retried one input at a time. Other errors are server faults.
-    """
+    call, so the batch is then retried one input at a time and only that input fails (422).
+    Other errors are server faults. `seconds` gets "encode" (processor), "forward" and "vote"
+    added."""
     try:
-        return list(predict_examples(lm, artifact, examples))
+        return _classify_shared(lm, items, seconds)
     except ValueError as e:
-        if len(examples) == 1:
-            return [
-                RequestError(422, f"{examples[0].where}: the model cannot take this input: {e}")
-            ]
-    return [classify_isolated(lm, artifact, [ex])[0] for ex in examples]
+        if len(items) == 1:
+            where = items[0][0].where
+            return [RequestError(422, f"{where}: the model cannot take this input: {e}")], 0
+    results, rows = [], 0
+    for item in items:
+        [result], n = classify_shared(lm, [item], seconds)
+        results.append(result)
+        rows += n
+    return results, rows
+
+
+def _classify_shared(
+    lm: LoadedModel,
+    items: Sequence[tuple[Example, Sequence[SavArtifact]]],
+    seconds: dict[str, float] | None,
+) -> tuple[list[list[Prediction] | RequestError], int]:
+    started = time.perf_counter()
+    artifacts: dict[int, SavArtifact] = {}  # id -> artifact, in order of first use
+    keys: dict[int, str] = {}  # id -> input_key
+    rows: list[dict[str, torch.Tensor]] = []
+    row_of: dict[tuple[int, str], int] = {}  # (input, input_key) -> row
+    reads: dict[int, list[tuple[int, int, int]]] = {}  # id -> [(input, position, row)]
+    for i, (example, named) in enumerate(items):
+        for j, artifact in enumerate(named):
+            a = id(artifact)
+            if a not in artifacts:
+                artifacts[a], keys[a], reads[a] = artifact, input_key(artifact), []
+            at = (i, keys[a])
+            if at not in row_of:
+                row_of[at] = len(rows)
+                rows.append(
+                    encode_row(lm.processor, example, artifact.prompt, artifact.preprocessing)
+                )
+            reads[a].append((i, j, row_of[at]))
+    if seconds is not None:
+        seconds["encode"] = seconds.get("encode", 0.0) + time.perf_counter() - started
+    per_artifact = predict_shared(
+        lm,
+        list(artifacts.values()),
+        rows,
+        [[row for _, _, row in reads[a]] for a in artifacts],
+        seconds,
+    )
+    results: list[list[Any]] = [[None] * len(named) for _, named in items]
+    for a, preds in zip(artifacts, per_artifact, strict=True):
+        for (i, j, _), pred in zip(reads[a], preds, strict=True):
+            results[i][j] = pred
+    return results, len(rows)
 
 
 class LayerCounter:
     """Counts forward calls of each decoder layer with forward pre-hooks, until `remove()`.
-    With early exit, layers after the deepest needed one stay at 0."""
+    With early exit, layers after the deepest needed one stay at 0. `rows`: the batch rows
+    that entered the first layer (a forward call over 3 padded rows counts 3)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         layers = decoder_layers(model)
         self.counts = [0] * len(layers)  # [layer]
+        self.rows = 0
         self._handles = [
-            layer.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(layers)
+            layer.register_forward_pre_hook(self._hook(i), with_kwargs=True)
+            for i, layer in enumerate(layers)
         ]
 
     def _hook(self, i: int):
-        def hook(module: torch.nn.Module, args: tuple) -> None:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             self.counts[i] += 1
+            if i == 0:
+                hidden = args[0] if args else kwargs["hidden_states"]  # [batch, seq, hidden]
+                self.rows += int(hidden.shape[0])
 
         return hook
 
@@ -477,23 +543,36 @@ class LayerCounter:
 
 @dataclass
 class BatchStats:
-    """Sizes of the batches run, per model id, and how many inputs failed alone."""
+    """What the classifier's batches held: inputs per batch, inputs per model id, how many
+    distinct model ids shared a batch, forward rows run, inputs that failed alone, and the
+    seconds spent encoding (processor), in the forward pass and voting."""
 
-    sizes: Counter = field(default_factory=Counter)  # batch size -> batches
+    sizes: Counter = field(default_factory=Counter)  # inputs in a batch -> batches
     inputs_per_model: Counter = field(default_factory=Counter)  # model id -> inputs
+    models_per_batch: Counter = field(default_factory=Counter)  # distinct model ids -> batches
+    forward_rows: int = 0
     input_errors: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
 
-    def record(self, model_id: str, results: Sequence[Any]) -> None:
+    def record(
+        self, model_ids: Sequence[Sequence[str]], results: Sequence[Any], rows: int = 0
+    ) -> None:
+        """One batch: the model ids each input named, its results, the forward rows run."""
         self.sizes[len(results)] += 1
-        self.inputs_per_model[model_id] += len(results)
+        self.inputs_per_model.update(m for named in model_ids for m in named)
+        self.models_per_batch[len({m for named in model_ids for m in named})] += 1
+        self.forward_rows += rows
         self.input_errors += sum(isinstance(r, RequestError) for r in results)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "batches": sum(self.sizes.values()),
-            "inputs": sum(self.inputs_per_model.values()),
+            "inputs": sum(self.sizes[k] * k for k in self.sizes),
             "max_batch_size": max(self.sizes, default=0),
             "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())},
             "inputs_per_model": dict(self.inputs_per_model),
+            "models_per_batch": {str(k): v for k, v in sorted(self.models_per_batch.items())},
+            "forward_rows": self.forward_rows,
             "input_errors": self.input_errors,
+            "seconds": {k: round(v, 6) for k, v in sorted(self.seconds.items())},
         }

@@ -22,7 +22,7 @@ from sav_ray.serving import (
     RequestError,
     RequestLimits,
     check_prompt,
-    classify_isolated,
+    classify_shared,
     image_bytes,
     resolve_ref,
     split_model_id,
@@ -225,11 +225,51 @@ def test_an_input_the_processor_refuses_fails_alone(lm):
         Example("b", [image(40, 30, 2)], "inputs[2]"),
     ]
     elongated = Example("c", [image(5000, 20)], "inputs[1]")  # aspect ratio 250: Qwen2-VL refuses
-    results = classify_isolated(lm, artifact, [good[0], elongated, good[1]])
+    batch = [(ex, [artifact]) for ex in (good[0], elongated, good[1])]
+    results, rows = classify_shared(lm, batch)
     assert isinstance(results[1], RequestError) and results[1].status == 422
     assert results[1].message.startswith("inputs[1]: the model cannot take this input")
-    alone = [predict_examples(lm, artifact, [ex])[0] for ex in good]
+    alone = [predict_examples(lm, artifact, [ex]) for ex in good]
     assert [results[0], results[2]] == alone
+    assert rows == 2  # the two good inputs, each run alone after the batch failed
+
+
+def test_artifacts_sharing_a_prompt_share_one_forward_row_per_input(lm):
+    """Three inputs naming different subsets of two artifacts: one forward call of 3 rows, to
+    the deeper artifact's layer; each artifact's results equal predicting with it alone."""
+    shallow = tiny_artifact(lm.info, [[0, 1], [0, 3]])
+    deep = tiny_artifact(lm.info, [[1, 0], [0, 2], [1, 3]], labels=("red", "green", "blue"))
+    examples = [
+        Example("a", [image(56, 56, 1)]),
+        Example("b", [image(40, 30, 2)]),
+        Example("c", []),
+    ]
+    named = [[shallow, deep], [deep], [deep, shallow]]
+    counter = LayerCounter(lm.model)
+    try:
+        results, rows = classify_shared(lm, list(zip(examples, named, strict=True)))
+    finally:
+        counter.remove()
+    assert rows == 3 and counter.rows == 3
+    assert counter.counts == [1, 1] + [0] * (lm.info.num_layers - 2)  # one forward call
+    for ex, arts, got in zip(examples, named, results, strict=True):
+        assert got == [predict_examples(lm, a, [ex])[0] for a in arts]
+    assert results[0][1].label in ("red", "green", "blue")
+
+
+def test_artifacts_with_other_prompts_add_rows_to_the_same_forward_call(lm):
+    plain = tiny_artifact(lm.info, [[0, 1], [1, 2]])
+    asked = tiny_artifact(lm.info, [[1, 1]])
+    asked.prompt = PromptConfig(text_template="Answer briefly. {text}")
+    examples = [Example("a", [image(56, 56, 1)]), Example("b", [])]
+    counter = LayerCounter(lm.model)
+    try:
+        results, rows = classify_shared(lm, [(ex, [plain, asked]) for ex in examples])
+    finally:
+        counter.remove()
+    assert rows == 4 and counter.rows == 4 and counter.counts[0] == 1
+    for ex, got in zip(examples, results, strict=True):
+        assert got == [predict_examples(lm, a, [ex])[0] for a in (plain, asked)]
 
 
 def test_placeholder_count_must_match_the_images(lm):
@@ -252,16 +292,20 @@ def test_layer_counter_shows_layers_after_the_deepest_never_run(lm):
     assert counter.counts[0] == 1  # removed hooks count nothing
 
 
-def test_batch_stats_report_sizes_and_failures():
+def test_batch_stats_report_sizes_composition_and_failures():
     stats = BatchStats()
-    stats.record("m1", [object(), object(), RequestError(422, "x")])
-    stats.record("m2", [object()])
-    stats.record("m1", [object(), object(), object()])
+    stats.record([["m1"], ["m1", "m2"], ["m2"]], [object(), object(), RequestError(422, "x")], 3)
+    stats.record([["m2"]], [object()], 1)
+    stats.record([["m1"]] * 3, [object(), object(), object()], 3)
+    stats.seconds["forward"] = 0.5
     assert stats.to_dict() == {
         "batches": 3,
         "inputs": 7,
         "max_batch_size": 3,
         "batch_sizes": {"1": 1, "3": 2},
-        "inputs_per_model": {"m1": 6, "m2": 1},
+        "inputs_per_model": {"m1": 5, "m2": 3},
+        "models_per_batch": {"1": 2, "2": 1},
+        "forward_rows": 7,
         "input_errors": 1,
+        "seconds": {"forward": 0.5},
     }
