@@ -5,13 +5,15 @@
 
 Two deployments:
 - `Classifier` (serve/classifier.py) holds ONE base model and loads SAV artifacts on demand,
-  several per replica (`@serve.multiplexed`), batches inputs (`@serve.batch`) and stops each
-  forward pass after the deepest layer its artifact selected; it refuses an artifact fitted on
-  another base model or revision (409 for the client).
+  several per replica, batches inputs whatever artifacts they name (`@serve.batch`: a batch is
+  per base model) into one forward pass that captures the union of their heads and stops after
+  the deepest layer any of them selected; it refuses an artifact fitted on another base model
+  or revision (409 for the client).
 - `Ingress` (here; its FastAPI routes, docs and guards are in serve/http_api.py) validates
-  requests, decodes images and videos, pins each served name to a model id (following `models:/NAME@ALIAS`
-  as the alias moves: polled every `poll_interval_s`, at once on POST /v1/models/reload), fans a
-  request's inputs out to the classifier and maps every client mistake to a 4xx. A new version
+  requests, decodes images (base64, uploads, allowed files and URLs) and videos, pins each
+  served name to a model id (following `models:/NAME@ALIAS` as the alias moves: polled every
+  `poll_interval_s`, at once on POST /v1/models/reload), sends each input once to the
+  classifier with every model id the request named, and maps every client mistake to a 4xx. A new version
   is loaded on a classifier replica before requests switch to it; requests already running
   finish on the old one.
 
@@ -22,6 +24,7 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -35,6 +38,7 @@ from sav_ray.artifact import BaseModelInfo
 from sav_ray.placement import AUTO, cluster_nodes, resolve
 from sav_ray.registry import model_version
 from sav_ray.serving import (
+    UPLOAD_PREFIX,
     Resolved,
     is_fetched,
     refuse_control_characters,
@@ -55,6 +59,7 @@ from serve.schemas import (
     ClassifyResponse,
     ModelInfo,
     ModelsResponse,
+    MultiClassifyResponse,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -112,6 +117,7 @@ class Ingress:
         self.entries = {m.name: Entry(m.name, m.ref) for m in self.cfg.models}
         self.base_model: dict[str, Any] | None = None  # as the classifier loaded it
         self.retries = 0  # classifier calls retried after a replica failure
+        self.decode_seconds = 0.0  # reading, checking and decoding requests' images and videos
         self._refresh_lock = asyncio.Lock()
         # a slow image source can hold only fetch workers, never a base64 request's decoding
         self.fetch_pool = BoundedPool("fetch", self.cfg.fetch_workers, self.cfg.fetch_queue)
@@ -165,7 +171,12 @@ class Ingress:
             entry.error = None
             return change
         try:
-            summary = await self._call("load", resolved.model_id, timeout=self.cfg.load_timeout_s)
+            summary = await self._call(
+                "load",
+                resolved.model_id,
+                model_id=resolved.model_id,
+                timeout=self.cfg.load_timeout_s,
+            )
         except HTTPException as e:
             summary = error_summary(e.status_code, e.detail)
         if "error" in summary:
@@ -181,14 +192,18 @@ class Ingress:
             "changed": True,
         }
 
-    async def _call(self, method: str, model_id: str, *args: Any, timeout: float) -> Any:
-        """Call the classifier replica that has `model_id` (or will load it); retry when the
-        replica dies; 503 when it keeps failing, 504 past `timeout`."""
+    async def _call(
+        self, method: str, *args: Any, timeout: float, model_id: str | None = None
+    ) -> Any:
+        """Call a classifier replica (the one that has `model_id` loaded, if given); retry when
+        the replica dies; 503 when it keeps failing, 504 past `timeout`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        handle = self.classifier.options(multiplexed_model_id=model_id)
+        handle = self.classifier
+        if model_id is not None:
+            handle = handle.options(multiplexed_model_id=model_id)
         for attempt in itertools.count():
-            response = getattr(handle, method).remote(model_id, *args)
+            response = getattr(handle, method).remote(*args)
             try:
                 return await asyncio.wait_for(response, max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
@@ -206,22 +221,31 @@ class Ingress:
                 await asyncio.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")
 
-    async def classify(self, body: Any) -> ClassifyResponse:
-        refuse_control_characters(body.model, "model")
-        entry = self.entries.get(body.model)
+    def _served(self, name: str, field: str) -> Served:
+        """The version `name` answers with now (pinned for the whole request: a switch does not
+        affect it); 404 unknown name, 409 or 503 when it cannot answer."""
+        refuse_control_characters(name, field)
+        entry = self.entries.get(name)
         if entry is None:
             raise HTTPException(
                 404,
-                f"model: unknown model {body.model!r}; served models are "
+                f"{field}: unknown model {name!r}; served models are "
                 f"{sorted(self.entries)} (GET /v1/models)",
             )
-        served = entry.served  # pinned for the whole request: a switch does not affect it
-        if served is None:
+        if entry.served is None:
             if entry.error:
                 raise HTTPException(
-                    entry.error_status, f"model {body.model!r} cannot be served: {entry.error}"
+                    entry.error_status, f"{field}: model {name!r} cannot be served: {entry.error}"
                 )
-            raise HTTPException(503, f"model {body.model!r} is still loading; retry shortly")
+            raise HTTPException(503, f"{field}: model {name!r} is still loading; retry shortly")
+        return entry.served
+
+    async def classify(self, body: Any, uploads: dict[str, bytes] | None = None) -> Any:
+        """`body.model` (one result) or `body.models` (one result per model, one forward pass
+        per input for all of them). `uploads`: a multipart request's files, which images name
+        as `part:NAME`."""
+        names, fields = body.named()
+        served = [self._served(n, f) for n, f in zip(names, fields, strict=True)]
         base = BaseModelInfo.from_dict(self.base_model)
         for i, item in enumerate(body.inputs):
             for field, given in (("images", item.images), ("video", item.video)):
@@ -229,38 +253,65 @@ class Ingress:
                     raise HTTPException(
                         422, f"inputs[{i}].{field}: {base.text_only_reason}; send the text alone"
                     )
-        fetches = any(is_fetched(source) for item in body.inputs for source in item.images)
+        frames = {s.summary["video_frames"] for s in served}
+        if len(frames) > 1 and any(item.video for item in body.inputs):
+            raise HTTPException(
+                422,
+                f"models: {names} sample videos into different numbers of frames "
+                f"({sorted(frames)}); send a video to them in separate requests",
+            )
+        images = [
+            _with_uploads(item.images, uploads or {}, i) for i, item in enumerate(body.inputs)
+        ]
+        fetches = any(is_fetched(source) for sources in images for source in sources)
         pool = self.fetch_pool if fetches else self.decode_pool
+        started = time.perf_counter()
         try:
             with self.pixels.lease() as lease:
                 examples = await pool.run(
                     to_examples,
-                    [(item.text, item.images) for item in body.inputs],
+                    [
+                        (item.text, sources)
+                        for item, sources in zip(body.inputs, images, strict=True)
+                    ],
                     self.cfg.limits,
                     self.cfg.image_sources,
                     [item.video for item in body.inputs],
-                    served.summary["video_frames"],
+                    frames.pop(),
                     lease.reserve,
                 )
-                for item in body.inputs:  # the encoded images are not needed any more
+                self.decode_seconds += time.perf_counter() - started
+                images = []  # the encoded images are not needed any more
+                for item in body.inputs:
                     item.images, item.video = [], None
-                replies = await self._classify_examples(served.resolved.model_id, examples)
+                model_ids = [s.resolved.model_id for s in served]
+                replies = await self._classify_examples(model_ids, examples)
         except Busy as e:
             raise HTTPException(
                 503, e.message, headers={"Retry-After": str(e.retry_after_s)}
             ) from None
-        return ClassifyResponse(
-            model=entry.name,
-            version=served.resolved.version,
-            model_id=served.resolved.model_id,
-            artifact_hash=replies[0]["artifact_hash"],
-            outputs=[{k: r[k] for k in ("label", "votes", "scores")} for r in replies],
-        )
+        results = [
+            ClassifyResponse(
+                model=name,
+                version=s.resolved.version,
+                model_id=s.resolved.model_id,
+                artifact_hash=replies[0][s.resolved.model_id]["artifact_hash"],
+                outputs=[
+                    {k: r[s.resolved.model_id][k] for k in ("label", "votes", "scores")}
+                    for r in replies
+                ],
+            )
+            for name, s in zip(names, served, strict=True)
+        ]
+        return results[0] if body.model is not None else MultiClassifyResponse(results=results)
 
-    async def _classify_examples(self, model_id: str, examples: list) -> list[dict[str, Any]]:
+    async def _classify_examples(
+        self, model_ids: list[str], examples: list
+    ) -> list[dict[str, Any]]:
+        """Per example, {model_id: result}."""
         replies = await asyncio.gather(
             *(
-                self._call("classify", model_id, ex, timeout=self.cfg.request_timeout_s)
+                self._call("classify", model_ids, ex, timeout=self.cfg.request_timeout_s)
                 for ex in examples
             ),
             return_exceptions=True,
@@ -271,12 +322,13 @@ class Ingress:
         for reply in replies:
             if "error" in reply:
                 raise HTTPException(reply["status"], reply["error"])
-        return replies
+        return [reply["results"] for reply in replies]
 
     def stats(self) -> dict[str, Any]:
         """The Ingress's counters for GET /v1/stats."""
         return {
             "classifier_retries": self.retries,
+            "decode_seconds": round(self.decode_seconds, 6),
             "fetch_pool": self.fetch_pool.stats(),
             "decode_pool": self.decode_pool.stats(),
             "pixels": self.pixels.stats(),
@@ -289,6 +341,25 @@ class Ingress:
             poll_interval_s=self.cfg.poll_interval_s,
             models=[e.info() for e in self.entries.values()],
         )
+
+
+def _with_uploads(sources: list[str], uploads: dict[str, bytes], i: int) -> list[str | bytes]:
+    """An input's image sources with each `part:NAME` replaced by that uploaded file's bytes;
+    400 naming the field when no such part was sent."""
+    out: list[str | bytes] = []
+    for j, source in enumerate(sources):
+        if source.startswith(UPLOAD_PREFIX):
+            part = source.removeprefix(UPLOAD_PREFIX)
+            if part not in uploads:
+                raise HTTPException(
+                    400,
+                    f"inputs[{i}].images[{j}]: names the upload {part!r}, but the request has "
+                    f"no file part of that name (parts: {sorted(uploads)})",
+                )
+            out.append(uploads[part])
+        else:
+            out.append(source)
+    return out
 
 
 def application(

@@ -1,14 +1,15 @@
-"""The Classifier deployment: ONE base model, many SAV artifacts multiplexed on it.
+"""The Classifier deployment: ONE base model, many SAV artifacts sharing its forward passes.
 
-Artifacts load on demand (`@serve.multiplexed`, keyed by a pinned model id, so requests go to
-replicas that have the artifact) through the project's single loader, refusing one fitted on
-another base model or revision. Inputs are batched (`@serve.batch`, batches never mix model
-ids); each batch is one forward pass stopped after the deepest layer its artifact selected.
+Artifacts load on demand through the project's single loader (an LRU per replica,
+`@serve.multiplexed`, keyed by a pinned model id), refusing one fitted on another base model or
+revision. Each call classifies one input for one or more model ids. Calls are batched
+(`@serve.batch`) whatever model ids they name: a batch is per base model, not per artifact, and
+is ONE forward pass (`classify_shared`) capturing the union of the batch's heads, stopped after
+the deepest layer any of its artifacts selected; each artifact then votes with its own heads.
 """
 
 import asyncio
 import logging
-from collections import defaultdict
 from typing import Any
 
 import ray
@@ -26,7 +27,7 @@ from sav_ray.serving import (
     LayerCounter,
     RequestError,
     check_prompt,
-    classify_isolated,
+    classify_shared,
     split_model_id,
 )
 from sav_ray.tracking import use_store
@@ -135,39 +136,45 @@ class Classifier:
             "base_model": self.lm.info.to_dict(),
         }
 
-    async def classify(self, model_id: str, example: Example) -> dict[str, Any]:
-        """One input -> {label, votes, scores, artifact_hash} or {status, error}."""
-        artifact, error = await self._get(model_id)
-        if error:
-            return error
-        try:
-            check_prompt(example, artifact)
-        except RequestError as e:
-            return error_summary(e.status, e.message)
-        return await self._batched(model_id, example)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _batched(self, model_ids: list[str], examples: list[Example]) -> list[dict[str, Any]]:
-        groups: dict[str, list[int]] = defaultdict(list)  # Serve splits batches by model id too
-        for i, model_id in enumerate(model_ids):
-            groups[model_id].append(i)
-        replies: list[dict[str, Any]] = [{} for _ in examples]
-        for model_id, rows in groups.items():
+    async def classify(self, model_ids: list[str], example: Example) -> dict[str, Any]:
+        """One input for one or more model ids -> {"results": {model_id: {label, votes, scores,
+        artifact_hash}}} or {status, error}."""
+        artifacts = []
+        for model_id in model_ids:
             artifact, error = await self._get(model_id)
             if error:
-                for i in rows:
-                    replies[i] = error
+                return error
+            try:
+                check_prompt(example, artifact)
+            except RequestError as e:
+                return error_summary(e.status, e.message)
+            artifacts.append(artifact)
+        return await self._batched((tuple(model_ids), artifacts), example)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _batched(
+        self, named: list[tuple[tuple[str, ...], list[SavArtifact]]], examples: list[Example]
+    ) -> list[dict[str, Any]]:
+        """A batch of inputs, whatever artifacts each names: one forward pass."""
+        items = [(ex, artifacts) for (_, artifacts), ex in zip(named, examples, strict=True)]
+        async with self._model_lock:
+            results, rows = await asyncio.to_thread(
+                classify_shared, self.lm, items, self.batch_stats.seconds
+            )
+        self.batch_stats.record([ids for ids, _ in named], results, rows)
+        replies = []
+        for (ids, artifacts), result in zip(named, results, strict=True):
+            if isinstance(result, RequestError):
+                replies.append(error_summary(result.status, result.message))
                 continue
-            batch = [examples[i] for i in rows]
-            async with self._model_lock:
-                preds = await asyncio.to_thread(classify_isolated, self.lm, artifact, batch)
-            self.batch_stats.record(model_id, preds)
-            for i, pred in zip(rows, preds, strict=True):
-                replies[i] = (
-                    error_summary(pred.status, pred.message)
-                    if isinstance(pred, RequestError)
-                    else {**pred.to_dict(), "artifact_hash": artifact.digest}
-                )
+            replies.append(
+                {
+                    "results": {
+                        model_id: {**pred.to_dict(), "artifact_hash": artifact.digest}
+                        for model_id, artifact, pred in zip(ids, artifacts, result, strict=True)
+                    }
+                }
+            )
         return replies
 
     async def stats(self) -> dict[str, Any]:
@@ -176,6 +183,8 @@ class Classifier:
             "placement": self.placement,
             "num_layers": len(self.layers.counts),
             "layers_run": list(self.layers.counts),
+            "forward_passes": self.layers.counts[0] if self.layers.counts else 0,
+            "rows_run": self.layers.rows,
             "peak_rss_mb": peak_rss_mb(),
             **self.batch_stats.to_dict(),
         }

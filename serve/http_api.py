@@ -3,15 +3,20 @@ body-size guard, and the mapping of every client mistake to a 4xx with a message
 
 import asyncio
 import hmac
+import json
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, HTTPException, Query
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from sav_ray import __version__
 from sav_ray.serving import (
+    UPLOAD_PREFIX,
     RequestError,
     RequestLimits,
     refuse_control_characters,
@@ -21,6 +26,7 @@ from serve.schemas import (
     ClassifyResponse,
     ErrorResponse,
     ModelsResponse,
+    MultiClassifyResponse,
     ReloadResponse,
     classify_request_model,
 )
@@ -122,6 +128,119 @@ def _validation_handler(limits: RequestLimits):
     return handler
 
 
+def _validate(model: type[BaseModel], data: Any) -> Any:
+    """`model.model_validate(data)`, its errors reported as FastAPI's own for a JSON body."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors()]
+        raise RequestValidationError(errors) from None
+
+
+def _json(raw: bytes, what: str) -> Any:
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" at character {e.pos}" if isinstance(e, json.JSONDecodeError) else ""
+        reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+        raise HTTPException(400, f"{what} is not valid JSON{where}: {reason}") from None
+
+
+async def _read_upload(
+    request: Request, limits: RequestLimits
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """A multipart/form-data request -> (the JSON body it stands for, file part name -> bytes).
+
+    Either a `request` part holding the JSON body, whose images may name file parts as
+    `part:NAME`; or, for one input, the fields `model` (or `models`, repeated) and `text` and
+    one file part per image, in order (any part names)."""
+    form = await request.form(
+        max_files=limits.max_inputs * limits.max_images_per_input,
+        max_fields=4 + limits.max_models_per_request,
+        max_part_size=limits.max_body_bytes,
+    )
+    uploads: dict[str, bytes] = {}
+    fields: dict[str, list[str]] = {}
+    try:
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                key = name if name not in uploads else f"{name}#{len(uploads)}"
+                if key != name and "request" in fields:
+                    raise HTTPException(
+                        400, f"file part {name!r} is sent twice; give each file part its own name"
+                    )
+                uploads[key] = await value.read()
+            else:
+                fields.setdefault(name, []).append(value)
+    finally:
+        await form.close()
+    if "request" in fields:
+        if len(fields) > 1 or len(fields["request"]) > 1:
+            raise HTTPException(
+                400, "a multipart request with a `request` part has no other fields, only files"
+            )
+        return _json(fields["request"][0].encode(), "the `request` part"), uploads
+    unknown = sorted(set(fields) - {"model", "models", "text"})
+    if unknown:
+        raise HTTPException(
+            400,
+            f"multipart fields {unknown} are not known: send `model` (or `models`), `text` and "
+            "the images as file parts, or the JSON body as a `request` part",
+        )
+    body: dict[str, Any] = {
+        "inputs": [
+            {
+                "text": "".join(fields.get("text", [""])[-1:]),
+                "images": [UPLOAD_PREFIX + key for key in uploads],
+            }
+        ]
+    }
+    if "model" in fields:
+        body["model"] = fields["model"][-1]
+    if "models" in fields:
+        body["models"] = fields["models"]
+    return body, uploads
+
+
+def _openapi(app: FastAPI, request_model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI document, with /v1/classify's two request bodies: JSON (the request model)
+    and multipart/form-data (a `request` part, or `model`/`models`, `text` and image files)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    spec = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    schema = request_model.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = spec.setdefault("components", {}).setdefault("schemas", {})
+    components.update(schema.pop("$defs", {}))
+    components["ClassifyRequest"] = schema
+    file = {"type": "string", "format": "binary"}
+    spec["paths"]["/v1/classify"]["post"]["requestBody"] = {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/ClassifyRequest"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "request": {
+                            "type": "string",
+                            "description": "the JSON body; an image `part:NAME` is the file "
+                            "part NAME",
+                        },
+                        "model": {"type": "string"},
+                        "models": {"type": "array", "items": {"type": "string"}},
+                        "text": {"type": "string"},
+                        "image": {"type": "array", "items": file},
+                    },
+                }
+            },
+        },
+    }
+    app.openapi_schema = spec
+    return spec
+
+
 async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
     return JSONResponse({"detail": exc.message}, exc.status)
 
@@ -175,9 +294,13 @@ def build_api(ingress: "Ingress") -> FastAPI:
             raise HTTPException(503, "no model is ready yet")
         return {"status": "ok", "models_ready": ready, "models": len(ingress.entries)}
 
-    @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES)
-    async def classify(body: ClassifyRequest) -> ClassifyResponse:
-        """Classify inputs (text and images) with a served model.
+    @app.post(
+        "/v1/classify",
+        response_model=ClassifyResponse | MultiClassifyResponse,
+        responses=ERROR_RESPONSES,
+    )
+    async def classify(request: Request) -> ClassifyResponse | MultiClassifyResponse:
+        """Classify inputs (text and images) with one served model, or several at once.
 
         Returns, per input in order, the predicted `label`, the heads' `votes` per label and
         `scores` (votes / k), with the model's name, registry `version` and `artifact_hash`
@@ -193,8 +316,22 @@ def build_api(ingress: "Ingress") -> FastAPI:
              "artifact_hash": "9f2c...", "outputs": [{"label": "red_circle",
              "votes": {"red_circle": 17, "green_square": 2, "blue_triangle": 1},
              "scores": {"red_circle": 0.85, "green_square": 0.1, "blue_triangle": 0.05}}]}
+
+        `"models": ["shapes", "safety"]` instead of `"model"`: ONE forward pass per input serves
+        all of them (they share the base model); the answer is `{"results": [...]}`, one result
+        per name in order, each what that model alone answers.
+
+        Raw image files instead of base64, as multipart/form-data: `model` (or `models`,
+        repeated), `text` and one file part per image, in order; or a `request` part with the
+        JSON body whose images name file parts as `part:NAME`:
+
+            curl -s localhost:8000/v1/classify -F model=shapes -F text='What is it?' -F image=@cat.png
         """
-        return await ingress.classify(body)
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            data, uploads = await _read_upload(request, cfg.limits)
+        else:
+            data, uploads = _json(await request.body(), "the body"), {}
+        return await ingress.classify(_validate(ClassifyRequest, data), uploads)
 
     @app.get("/v1/models", response_model=ModelsResponse, responses=ERROR_RESPONSES)
     async def models() -> ModelsResponse:
@@ -223,13 +360,19 @@ def build_api(ingress: "Ingress") -> FastAPI:
         changes = await ingress.refresh(None if model is None else [model])
         return ReloadResponse(changes=changes)
 
+    app.openapi = lambda: _openapi(app, ClassifyRequest)
+
     @app.get("/v1/stats", responses=ERROR_RESPONSES)
     async def stats() -> dict[str, Any]:
         """Counters. `classifier` (of the one replica that answered): `batches`, `batch_sizes`
-        (size -> batches), `max_batch_size`, `inputs_per_model` (pinned model id -> inputs) and
-        `layers_run`, how many times each decoder layer ran: the layers after the deepest
+        (inputs in a batch -> batches), `max_batch_size`, `inputs_per_model` (pinned model id ->
+        inputs), `models_per_batch` (distinct model ids in a batch -> batches: a batch serves
+        every artifact of the base model), `forward_passes` (calls of the model),
+        `forward_rows` and `rows_run` (rows those passes ran: one per input and distinct prompt,
+        however many models the input named), `seconds` (encode: the processor, forward, vote)
+        and `layers_run`, how many times each decoder layer ran: the layers after the deepest
         selected one stay at 0. `ingress`: `classifier_retries`, calls retried because a
-        classifier replica failed.
+        classifier replica failed, and `decode_seconds`, reading and decoding images.
 
             curl -s localhost:8000/v1/stats
         """

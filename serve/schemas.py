@@ -98,6 +98,16 @@ class AppConfig(BaseModel):
         return gpus
 
     @model_validator(mode="after")
+    def _models_fit_a_replica(self) -> "AppConfig":
+        if self.limits.max_models_per_request > self.max_models_per_replica:
+            raise ValueError(
+                f"limits.max_models_per_request ({self.limits.max_models_per_request}) must be "
+                f"at most max_models_per_replica ({self.max_models_per_replica}): every model of "
+                "a request is loaded on the replica that runs it"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _budget_fits_a_request(self) -> "AppConfig":
         if self.pixel_budget < self.limits.max_request_pixels:
             raise ValueError(
@@ -147,7 +157,18 @@ def classify_request_model(limits: RequestLimits) -> type[BaseModel]:
         )
 
     class ClassifyRequest(InputBase):
-        model: str = Field(max_length=128, description="a served model name (GET /v1/models)")
+        model: str | None = Field(
+            None,
+            max_length=128,
+            description="a served model name (GET /v1/models); the answer is that model's result",
+        )
+        models: list[Annotated[str, StringConstraints(max_length=128)]] | None = Field(
+            None,
+            min_length=1,
+            max_length=limits.max_models_per_request,
+            description="several served model names instead of `model`: one forward pass per "
+            "input serves them all; the answer has one result per model, in this order",
+        )
         inputs: list[ClassifyInput] = Field(min_length=1, max_length=limits.max_inputs)
 
         model_config = ConfigDict(
@@ -157,10 +178,30 @@ def classify_request_model(limits: RequestLimits) -> type[BaseModel]:
                     {
                         "model": "shapes",
                         "inputs": [{"text": "What is in the image?", "images": ["iVBORw0KGgo..."]}],
-                    }
+                    },
+                    {
+                        "models": ["shapes", "safety"],
+                        "inputs": [{"text": "What is in the image?", "images": ["iVBORw0KGgo..."]}],
+                    },
                 ]
             },
         )
+
+        @model_validator(mode="after")
+        def _one_way_to_name(self) -> "ClassifyRequest":
+            if (self.model is None) == (self.models is None):
+                raise ValueError("give either `model` (one name) or `models` (a list), not both")
+            if self.models is not None:
+                repeated = sorted({m for m in self.models if self.models.count(m) > 1})
+                if repeated:
+                    raise ValueError(f"models: each name once; repeated: {repeated}")
+            return self
+
+        def named(self) -> tuple[list[str], list[str]]:
+            """(model names, the field naming each: `model` or `models[i]`)."""
+            if self.models is None:
+                return [self.model], ["model"]
+            return list(self.models), [f"models[{i}]" for i in range(len(self.models))]
 
     return ClassifyRequest
 
@@ -177,6 +218,12 @@ class ClassifyResponse(BaseModel):
     model_id: str = Field(description="the pinned reference that answered")
     artifact_hash: str = Field(description="SHA-256 of the artifact's sav.json")
     outputs: list[Output] = Field(description="one per input, in order")
+
+
+class MultiClassifyResponse(BaseModel):
+    results: list[ClassifyResponse] = Field(
+        description="one per name in `models`, in order; each what that model alone answers"
+    )
 
 
 class ModelInfo(BaseModel):

@@ -280,6 +280,8 @@ def test_two_artifacts_share_one_replica_and_batch_under_200_concurrent_requests
         assert_same(body["outputs"], [server.expected[model][i]])
     stats = server.get("/v1/stats").json()["classifier"]
     assert stats["max_batch_size"] > 1
+    # requests for the two artifacts shared batches (one forward pass each)
+    assert any(int(n) >= 2 for n in stats["models_per_batch"]), stats["models_per_batch"]
     served = server.models()
     assert {served["shapes"]["model_id"], served["circles"]["model_id"]} <= set(
         stats["inputs_per_model"]
@@ -288,6 +290,69 @@ def test_two_artifacts_share_one_replica_and_batch_under_200_concurrent_requests
 
     classifier = serve.status().applications["sav"].deployments["Classifier"]
     assert sum(classifier.replica_states.values()) == 1
+
+
+def test_a_request_naming_two_models_runs_one_forward_row_per_input(server):
+    """Each model's result equals a request for it alone; the classifier ran one row per
+    input (counted by a hook on the first decoder layer), not one per model."""
+    inputs = [{"text": QUESTION, "images": [server.images[i]]} for i in range(5)]
+    before = server.get("/v1/stats").json()["classifier"]
+    r = server.post({"models": ["circles", "shapes", "reg"], "inputs": inputs})
+    after = server.get("/v1/stats").json()["classifier"]
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [res["model"] for res in results] == ["circles", "shapes", "reg"]
+    assert after["rows_run"] - before["rows_run"] == 5
+    assert after["forward_rows"] - before["forward_rows"] == 5
+    assert after["forward_passes"] - before["forward_passes"] <= 5
+    for res in results:
+        alone = server.post({"model": res["model"], "inputs": inputs})
+        assert alone.status_code == 200, alone.text
+        alone = alone.json()
+        assert {k: res[k] for k in alone if k != "outputs"} == {
+            k: v for k, v in alone.items() if k != "outputs"
+        }
+        assert [o["label"] for o in res["outputs"]] == [o["label"] for o in alone["outputs"]]
+        assert [o["votes"] for o in res["outputs"]] == [o["votes"] for o in alone["outputs"]]
+        for got, want in zip(res["outputs"], alone["outputs"], strict=True):
+            for label, score in want["scores"].items():
+                assert abs(got["scores"][label] - score) <= 1e-6
+    assert_same(results[0]["outputs"], server.expected["circles"][:5])
+    assert_same(results[1]["outputs"], server.expected["shapes"][:5])
+    assert results[2]["version"] == "1" and results[2]["artifact_hash"] == (
+        server.artifacts["shapes"].digest
+    )
+
+
+def test_raw_image_files_are_accepted_as_multipart_uploads(server):
+    raw = [base64.b64decode(server.images[i]) for i in range(3)]
+    r = requests.post(
+        server.url + "/v1/classify",
+        headers=AUTH,
+        data={"model": "shapes", "text": QUESTION},
+        files={"image": ("0.png", raw[0], "image/png")},
+        timeout=TIMEOUT,
+    )
+    assert r.status_code == 200, r.text
+    assert_same(r.json()["outputs"], server.expected["shapes"][:1])
+    body = {
+        "models": ["shapes", "circles"],
+        "inputs": [{"text": QUESTION, "images": [f"part:img{i}"]} for i in (2, 1)]
+        + [{"text": QUESTION, "images": [server.images[0]]}],  # base64 beside uploads
+    }
+    r = requests.post(
+        server.url + "/v1/classify",
+        headers=AUTH,
+        files={
+            "request": (None, json.dumps(body), "application/json"),
+            **{f"img{i}": (f"{i}.png", raw[i], "image/png") for i in (1, 2)},
+        },
+        timeout=TIMEOUT,
+    )
+    assert r.status_code == 200, r.text
+    shapes, circles = r.json()["results"]
+    assert_same(shapes["outputs"], [server.expected["shapes"][i] for i in (2, 1, 0)])
+    assert_same(circles["outputs"], [server.expected["circles"][i] for i in (2, 1, 0)])
 
 
 def test_layers_after_the_deepest_selected_one_never_run(server):
@@ -386,6 +451,48 @@ def bad_requests(server):
         ("text too long", {"json": one([], text="a" * 8001)}, 413, "inputs[0].text"),
         ("unknown model", {"json": one([good], model="nope")}, 404, "unknown model 'nope'"),
         ("other base model", {"json": one([good], model="alien")}, 409, "revision"),
+        (
+            "one of several models on another base model",
+            {"json": {"models": ["shapes", "alien"], "inputs": [{"images": [good]}]}},
+            409,
+            "models[1]: model 'alien' cannot be served",
+        ),
+        (
+            "model and models",
+            {"json": {"model": "shapes", "models": ["circles"], "inputs": [{"text": "a"}]}},
+            422,
+            "not both",
+        ),
+        (
+            "a model twice",
+            {"json": {"models": ["shapes", "shapes"], "inputs": [{"text": "a"}]}},
+            422,
+            "repeated: ['shapes']",
+        ),
+        (
+            "too many models",
+            {"json": {"models": [f"m{i}" for i in range(9)], "inputs": [{"text": "a"}]}},
+            413,
+            "models",
+        ),
+        (
+            "an upload not sent",
+            {"files": {"request": (None, json.dumps(one(["part:cat"])))}},
+            400,
+            "inputs[0].images[0]: names the upload 'cat'",
+        ),
+        (
+            "an unknown multipart field",
+            {"files": {"model": (None, "shapes"), "colour": (None, "red")}},
+            400,
+            "['colour']",
+        ),
+        (
+            "an uploaded file that is not an image",
+            {"files": {"model": (None, "shapes"), "image": ("a.png", b"hello")}},
+            400,
+            "inputs[0].images[0]: not an image",
+        ),
         ("placeholders", {"json": one([good], text="<image> and <image>?")}, 422, "placeholder"),
         ("server path", {"json": one(["file:///etc/passwd"])}, 400, "file://"),
         ("URL", {"json": one(["http://127.0.0.1:9/a.png"])}, 400, "URL"),
@@ -675,11 +782,15 @@ def test_a_killed_classifier_replica_is_replaced_and_every_request_gets_an_answe
         if "Classifier" in a["name"] and "REPLICA" in a["name"]
     ]
     rng = np.random.default_rng(1)
-    jobs = [(str(rng.choice(["shapes", "circles"])), int(rng.integers(30))) for _ in range(240)]
+    # 4 inputs per request: the replica is always busy with a batch when it is killed
+    jobs = [
+        (str(rng.choice(["shapes", "circles"])), [int(i) for i in rng.integers(30, size=4)])
+        for _ in range(120)
+    ]
 
     def call(job):
         started = time.monotonic()
-        r = server.classify(job[0], [job[1]])
+        r = server.classify(*job)
         return started, time.monotonic(), r.status_code, r.json()
 
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -691,9 +802,9 @@ def test_a_killed_classifier_replica_is_replaced_and_every_request_gets_an_answe
 
     assert any(start < killed < end for start, end, *_ in results), "the kill was not under load"
     answered = 0
-    for (model, i), (_, _, status, body) in zip(jobs, results, strict=True):
+    for (model, rows), (_, _, status, body) in zip(jobs, results, strict=True):
         if status == 200:
-            assert_same(body["outputs"], [server.expected[model][i]])
+            assert_same(body["outputs"], [server.expected[model][i] for i in rows])
             answered += 1
         else:
             assert status in (503, 504), body
