@@ -1,11 +1,16 @@
-"""Classify a manifest with a SAV artifact on Ray Data; write one result per row.
+"""Classify a manifest with one or more SAV artifacts on Ray Data; write one result per row.
 
     python jobs/predict.py --artifact /abs/sav --data data/demo/test.jsonl --output preds.jsonl
+    python jobs/predict.py --artifact models:/safety@production --artifact topic=/abs/topic/sav \
+        --data data/demo/test.jsonl --output preds.parquet
 
 Each result has `row`, `id`, `label` (predicted), `votes` and `scores` per label, and
-`true_label` when the manifest has one; the accuracy is printed when it does. The base model
-is the artifact's own (`--model` overrides its location, e.g. a local mirror; its geometry and
-revision must still match).
+`true_label` when the manifest has one; the accuracy is printed when it does. With several
+`--artifact`s (all fitted on one base model) the model runs ONCE per row for all of them, and
+each result has every artifact's `label`, `votes` and `scores` under its name: `NAME=REF`, or
+by default the registered model's name (models:/NAME@ALIAS) or the folder's name. The base
+model is the artifacts' own (`--model` overrides its location, e.g. a local mirror; its
+geometry and revision must still match).
 """
 
 from __future__ import annotations
@@ -17,19 +22,33 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
+from sav_ray.artifact import ArtifactError  # noqa: E402
+from sav_ray.classify import input_variants  # noqa: E402
 from sav_ray.config import ModelConfig, add_model_args, add_video_field_arg  # noqa: E402
-from sav_ray.errors import job_main  # noqa: E402
+from sav_ray.errors import ConfigError, job_main  # noqa: E402
 from sav_ray.fitting import init_ray  # noqa: E402
 from sav_ray.manifest import ManifestFields, check_image_files, read_manifest  # noqa: E402
-from sav_ray.predicting import accuracy, predict_table, write_predictions  # noqa: E402
+from sav_ray.predicting import (  # noqa: E402
+    accuracy,
+    predict_many,
+    predict_table,
+    write_predictions,
+)
 from sav_ray.preflight import check_model  # noqa: E402
-from sav_ray.registry import load_artifact_ref  # noqa: E402
+from sav_ray.registry import is_registry_ref, load_artifact_ref, parse_ref  # noqa: E402
 from sav_ray.tracking import check_job_path  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="jobs/predict.py", description=__doc__.splitlines()[0])
-    p.add_argument("--artifact", required=True, help="artifact folder or models:/NAME@ALIAS")
+    p.add_argument(
+        "--artifact",
+        required=True,
+        action="append",
+        metavar="[NAME=]REF",
+        help="artifact folder or models:/NAME@ALIAS; repeat for several classifiers sharing "
+        "one pass of the model, each optionally named NAME= in the output",
+    )
     p.add_argument("--data", required=True, help="manifest to classify (labels optional)")
     p.add_argument("--output", required=True, help="results file: .jsonl or .parquet")
     p.add_argument("--image-field", default="image", help="'' for text-only rows")
@@ -45,11 +64,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None) -> int:
     args = parse(argv)
     check_job_path("--output", args.output)
-    artifact = load_artifact_ref(args.artifact)
+    refs = artifact_names(args.artifact)
+    artifacts = {name: load_artifact_ref(ref) for name, ref in refs.items()}
+    first_name, first = next(iter(artifacts.items()))
+    for name, artifact in artifacts.items():
+        try:
+            first.base_model.check_compatible(artifact.base_model)
+        except ArtifactError:
+            raise ConfigError(
+                f"--artifact {refs[name]}: fitted on {artifact.base_model.describe()}, not on "
+                f"the base model of --artifact {refs[first_name]} "
+                f"({first.base_model.describe()}); predict them in separate runs"
+            ) from None
     model = ModelConfig.from_namespace(args)
     flag = "--model"
     if not model.model:
-        base = artifact.base_model
+        base = first.base_model
         model = replace(model, model=base.name_or_path, revision=model.revision or base.revision)
         flag = "the artifact's base model"
     fields_ = ManifestFields.from_flags(
@@ -57,15 +87,50 @@ def main(argv: list[str] | None) -> int:
     )
     table = read_manifest(args.data, fields_, require_label=False)
     check_image_files(table)
-    artifact.base_model.check_compatible(check_model(model, artifact.prompt, table, flag))
+    for prompt, _ in input_variants(list(artifacts.values()))[0]:
+        first.base_model.check_compatible(check_model(model, prompt, table, flag))
     init_ray()
-    records = predict_table(table, model, artifact)
+    if len(artifacts) == 1:
+        records = predict_table(table, model, first)
+        write_predictions(records, args.output)
+        print(f"classified {len(records)} rows -> {args.output}")
+        acc = accuracy(records)
+        if acc is not None:
+            print(f"accuracy {acc:.4f}")
+        return 0
+    records, forward_rows = predict_many(table, model, artifacts)
     write_predictions(records, args.output)
-    acc = accuracy(records)
-    print(f"classified {len(records)} rows -> {args.output}")
-    if acc is not None:
-        print(f"accuracy {acc:.4f}")
+    print(
+        f"classified {len(records)} rows with {len(artifacts)} artifacts in one pass of the "
+        f"model ({forward_rows} forward rows) -> {args.output}"
+    )
+    for name in artifacts:
+        acc = accuracy(records, name)
+        if acc is not None:
+            print(f"accuracy {acc:.4f} {name}")
     return 0
+
+
+def artifact_names(values: list[str]) -> dict[str, str]:
+    """--artifact values -> {name: reference}: `NAME=REF`, else the registered model's name
+    or the folder's name; a name given twice is an error naming both."""
+    refs: dict[str, str] = {}
+    for value in values:
+        name, sep, ref = value.partition("=")
+        if not sep or "/" in name or ":" in name:
+            ref = value
+            name = parse_ref(ref)[0] if is_registry_ref(ref) else Path(ref).resolve().name
+            if name == "sav":  # a fit's folder is .../NAME/sav
+                name = Path(ref).resolve().parent.name
+        if not name or not ref:
+            raise ConfigError(f"--artifact {value!r}: give REF or NAME=REF")
+        if name in refs:
+            raise ConfigError(
+                f"--artifact {ref} and --artifact {refs[name]} are both named {name!r} in the "
+                f"output; name them: --artifact other={ref}"
+            )
+        refs[name] = ref
+    return refs
 
 
 if __name__ == "__main__":

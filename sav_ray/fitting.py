@@ -78,9 +78,14 @@ PREPROCESS_CPUS = 0.5
 
 
 def preprocessed_dataset(
-    table: Any, model: ModelConfig, prompt: PromptConfig, preprocessing: Preprocessing
+    table: Any,
+    model: ModelConfig,
+    prompt: PromptConfig,
+    preprocessing: Preprocessing,
+    more_inputs: list[tuple[PromptConfig, Preprocessing]] = (),
 ) -> Any:
-    """The manifest's rows as ready model inputs (column `inputs`), made in CPU tasks."""
+    """The manifest's rows as ready model inputs (column `inputs`, and one more column per pair
+    of `more_inputs`: `preprocess_rows`), made in CPU tasks."""
     from sav_ray.preprocess import preprocess_rows
 
     ds = manifest_dataset(table, model.batch_size)
@@ -91,6 +96,7 @@ def preprocessed_dataset(
             "revision": model.revision,
             "prompt": prompt.to_dict(),
             "preprocessing": preprocessing.to_dict(),
+            "more_inputs": [(p.to_dict(), q.to_dict()) for p, q in more_inputs],
         },
         batch_size=model.batch_size,
         num_cpus=PREPROCESS_CPUS,

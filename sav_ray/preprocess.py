@@ -69,32 +69,52 @@ def with_video_input(model: str, revision: str | None, prep: Preprocessing) -> P
     return replace(prep, video_input=video_input(model_processor(model, revision), prep))
 
 
+def inputs_column(variant: int) -> str:
+    """The column of a row's model inputs for the `variant`-th (prompt, preprocessing) pair."""
+    return INPUTS if variant == 0 else f"{INPUTS}_{variant}"
+
+
 def preprocess_rows(
     batch: dict[str, np.ndarray],
     model: str,
     revision: str | None,
     prompt: dict[str, Any],
     preprocessing: dict[str, Any],
+    more_inputs: list[tuple[dict[str, Any], dict[str, Any]]] = (),
 ) -> dict[str, np.ndarray]:
     """Ray Data stage (`map_batches(preprocess_rows, fn_kwargs=...)`): manifest columns in, the
-    same columns with `images`, `video` and `text` replaced by `inputs` out."""
+    same columns with `images`, `video` and `text` replaced by `inputs` out. `more_inputs`:
+    further (prompt, preprocessing) pairs (artifacts predicted together whose prompts differ),
+    each encoded into its own column (`inputs_column(1)`, ...) from the same decoded images."""
     processor = model_processor(model, revision)
-    config, prep = PromptConfig.from_dict(prompt), Preprocessing.from_dict(preprocessing)
-    blobs = []
+    variants = [
+        (PromptConfig.from_dict(p), Preprocessing.from_dict(q))
+        for p, q in [(prompt, preprocessing), *more_inputs]
+    ]
+    blobs: list[list[bytes]] = [[] for _ in variants]  # [variant][row]
     for row, paths, video, text in zip(
         batch["row"], batch["images"], batch["video"], batch["text"], strict=True
     ):
         try:
             images = [load_image(p) for p in paths]
-            frames = load_video(video, prep.video_frames) if video else []
+            frames = {
+                n: load_video(video, n) if video else []
+                for n in {prep.video_frames for _, prep in variants}
+            }
         except (ImageError, VideoError) as e:
             raise ManifestError(f"row {row}: {e}") from None
-        example = Example(text=str(text), images=images, where=f"row {row}", video=frames)
-        blobs.append(row_to_bytes(encode_row(processor, example, config, prep)))
+        for out, (config, prep) in zip(blobs, variants, strict=True):
+            example = Example(
+                text=str(text), images=images, where=f"row {row}", video=frames[prep.video_frames]
+            )
+            out.append(row_to_bytes(encode_row(processor, example, config, prep)))
     kept = {k: v for k, v in batch.items() if k not in ("images", "video", "text")}
-    return {**kept, INPUTS: object_column(blobs)}
+    return {
+        **kept,
+        **{inputs_column(v): object_column(column) for v, column in enumerate(blobs)},
+    }
 
 
-def rows_of(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+def rows_of(batch: dict[str, np.ndarray], variant: int = 0) -> list[dict[str, Any]]:
     """The model inputs of a preprocessed batch, one dict of tensors per row."""
-    return [row_from_bytes(blob) for blob in batch[INPUTS]]
+    return [row_from_bytes(blob) for blob in batch[inputs_column(variant)]]
