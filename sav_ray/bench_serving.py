@@ -12,6 +12,7 @@ resident memory from /v1/stats.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import math
@@ -27,8 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from sav_ray.artifact import load_artifact
-from sav_ray.bench import NO_TARGET, Row, Spread, median, spread_fields, timed_rounds
+from sav_ray.artifact import SavArtifact, load_artifact, write_artifact
+from sav_ray.bench import NO_TARGET, Row, Spread, Timings, median, spread_fields, timed_rounds
 from sav_ray.capture import capture_examples
 from sav_ray.classify import needed_layers
 from sav_ray.models import LoadedModel
@@ -136,23 +137,21 @@ def serving(
 
     artifact = load_artifact(artifact_dir, expect=lm.info)
     layers = needed_layers(artifact)
-    body = json.dumps(
-        {
-            "model": "bench",
-            "inputs": [{"text": example.text, "images": [_png_base64(example.images[0])]}],
-        }
-    )
+    inputs = [{"text": example.text, "images": [_png_base64(example.images[0])]}]
+    body = json.dumps({"model": "bench", "inputs": inputs})
+    others = sibling_artifacts(artifact, artifact_dir.parent / "bench_siblings", 3)
+    body_four = json.dumps({"models": ["bench", *others], "inputs": inputs})
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     local = threading.local()
 
-    def sender(app: str) -> Callable[[], None]:
+    def sender(app: str, data: str = body) -> Callable[[], None]:
         def send() -> None:
             if not hasattr(local, "session"):
                 local.session = http.Session()  # keep-alive, as a real client would
             reply = local.session.post(
                 f"{url}/{app}/v1/classify",
-                data=body,
+                data=data,
                 headers={"Content-Type": "application/json"},
                 timeout=300,
             )
@@ -171,7 +170,10 @@ def serving(
     try:
         for name, app in CONFIGS.items():
             config = AppConfig(
-                models=[{"name": "bench", "ref": str(artifact_dir)}],
+                models=[
+                    {"name": "bench", "ref": str(artifact_dir)},
+                    *({"name": name, "ref": str(ref)} for name, ref in others.items()),
+                ],
                 dtype=dtype,
                 device=device,
                 torch_threads=threads,
@@ -193,11 +195,26 @@ def serving(
                 route_prefix=f"/{app}",
             )
             _wait_healthy(f"{url}/{app}")
+        before = http.get(f"{url}/{CONFIGS['max_batch_size=1']}/v1/stats", timeout=300).json()
         one_client = timed_rounds(
             {"http": send["max_batch_size=1"], "bare": bare},
             overhead_reps,
             warmup=2,
             device=lm.input_device,
+        )
+        after = http.get(f"{url}/{CONFIGS['max_batch_size=1']}/v1/stats", timeout=300).json()
+        batched = CONFIGS["batched"]
+        four_one = timed_rounds(
+            {"four": sender(batched, body_four), "one": send["batched"]},
+            overhead_reps,
+            warmup=2,
+        )
+        top = max(clients)
+        four_one_load = load_rounds(
+            {"four": sender(batched, body_four), "one": send["batched"]},
+            [top],
+            requests,
+            rounds,
         )
         results = load_rounds(send, clients, requests, rounds)
         memory = peak_memory(f"{url}/{CONFIGS['batched']}", *memory_requests)
@@ -214,7 +231,7 @@ def serving(
     http_ms = 1e3 * median(one_client.wall["http"])
     bare_ms = 1e3 * median(one_client.wall["bare"])
     shares = Spread.of([1 - r for r in one_client.ratios("bare", "http", "wall")])
-    top = max(clients)
+    where = time_per_input(before, after)
     gains = Spread.of(
         [
             b.requests_per_s / u.requests_per_s
@@ -235,12 +252,17 @@ def serving(
                 "overhead_ms": http_ms - bare_ms,
                 "batched_http_ms_p50": by["batched", 1]["p50_ms"],
                 "reps": overhead_reps,
+                **where,
+                "rest_ms": http_ms - sum(where.values()),
             },
             note=(
                 "one input per request (base64 PNG), max_batch_size=1, each request back to back "
                 "with the same early-exit forward run in the benchmark process; the overhead is "
                 "JSON and base64 decoding, the Serve proxy, ingress and classifier hops, and "
-                "voting. batched_http_ms_p50: one client of the batched deployment, whose wait "
+                "voting. Where a request's time goes, per input from the server's own counters "
+                "(/v1/stats): *_ms = the Ingress decoding the image, the processor, the forward "
+                "pass in the replica, voting; rest_ms = HTTP, JSON, the proxy and the two actor "
+                "hops. batched_http_ms_p50: one client of the batched deployment, whose wait "
                 "for more requests (batch_wait_timeout_s) adds to a lone request's latency"
             ),
             if_missed=(
@@ -272,9 +294,85 @@ def serving(
                 "share of the cores varies from run to run)"
             ),
         ),
+        many_models_row(four_one, four_one_load, top, len(others) + 1),
         memory,
     ]
     return rows, table
+
+
+def many_models_row(
+    t: Timings, load: dict[tuple[str, int], list[LoadResult]], clients: int, n: int
+) -> Row:
+    """p50 latency of one request naming `n` classifiers over one naming 1 (1 client, back to
+    back pairs), with both sides' throughput at `clients` clients."""
+    ratios = Spread.of(t.ratios("four", "one", "wall"))
+    four, one = summarise(load["four", clients]), summarise(load["one", clients])
+    return Row(
+        key="serving_many_models",
+        title=f"Serving: p50 latency of a request naming {n} classifiers / naming 1",
+        **spread_fields(ratios, "wall", "back-to-back pairs' ratios at 1 client"),
+        op="<=",
+        threshold=1.2,
+        measured={
+            "four_ms_p50": 1e3 * median(t.wall["four"]),
+            "one_ms_p50": 1e3 * median(t.wall["one"]),
+            f"four_rps_{clients}": four["requests_per_s"],
+            f"one_rps_{clients}": one["requests_per_s"],
+            f"four_p95_ms_{clients}": four["p95_ms"],
+            f"one_p95_ms_{clients}": one["p95_ms"],
+            "reps": len(t.wall["four"]),
+        },
+        note=(
+            f"the batched deployment serving the benchmark artifact and {n - 1} others on the "
+            "same base model (heads drawn from the same layers); one input per request, one "
+            f"forward pass for all {n} (the union of their heads); throughput with {clients} "
+            "closed-loop clients, the two request kinds' load tests back to back"
+        ),
+        if_missed=(
+            f"each extra classifier adds its own gather and vote, and {n} results to encode "
+            "as JSON; the forward pass is shared"
+        ),
+    )
+
+
+def sibling_artifacts(artifact: SavArtifact, folder: Path, n: int) -> dict[str, Path]:
+    """`n` artifacts on the same base model as `artifact`, written under `folder`: the same
+    labels and k, heads drawn at random from the layers `artifact` reads (so a request naming
+    them all runs no deeper), random centroids. For timing only."""
+    rng = np.random.default_rng(0)
+    layers = sorted({int(layer) for layer, _ in artifact.heads})
+    pairs = np.array([(la, h) for la in layers for h in range(artifact.base_model.num_heads)])
+    k = min(len(artifact.heads), len(pairs))
+    out = {}
+    for i in range(n):
+        heads = pairs[np.sort(rng.choice(len(pairs), k, replace=False))]  # [k, 2]
+        centroids = rng.standard_normal((len(artifact.labels), k, artifact.base_model.head_dim))
+        sibling = dataclasses.replace(
+            artifact,
+            heads=heads.astype(np.int64),
+            centroids=centroids.astype(np.float32),  # [C, k, D]
+            head_scores=None,
+            selection=dataclasses.replace(artifact.selection, k=k, scores=[0.0] * k),
+        )
+        out[f"sibling{i + 1}"] = folder / f"sibling{i + 1}"
+        write_artifact(sibling, out[f"sibling{i + 1}"], overwrite=True)
+    return out
+
+
+def time_per_input(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """Milliseconds per input between two /v1/stats answers: the Ingress decoding images, and
+    the classifier's processor, forward pass and voting."""
+    c0, c1 = before["classifier"], after["classifier"]
+    n = max(c1["inputs"] - c0["inputs"], 1)
+    out = {
+        "ingress_decode_ms": 1e3
+        * (after["ingress"]["decode_seconds"] - before["ingress"]["decode_seconds"])
+        / n
+    }
+    for part in ("encode", "forward", "vote"):
+        spent = c1["seconds"].get(part, 0.0) - c0["seconds"].get(part, 0.0)
+        out[f"classifier_{part}_ms"] = 1e3 * spent / n
+    return out
 
 
 def png_16_bit(width: int, height: int) -> str:
