@@ -253,16 +253,17 @@ def serving(
                 "batched_http_ms_p50": by["batched", 1]["p50_ms"],
                 "reps": overhead_reps,
                 **where,
-                "rest_ms": http_ms - sum(where.values()),
+                "http_and_proxy_ms": http_ms - where["ingress_request_ms"],
             },
             note=(
                 "one input per request (base64 PNG), max_batch_size=1, each request back to back "
                 "with the same early-exit forward run in the benchmark process; the overhead is "
                 "JSON and base64 decoding, the Serve proxy, ingress and classifier hops, and "
                 "voting. Where a request's time goes, per input from the server's own counters "
-                "(/v1/stats): *_ms = the Ingress decoding the image, the processor, the forward "
-                "pass in the replica, voting; rest_ms = HTTP, JSON, the proxy and the two actor "
-                "hops. batched_http_ms_p50: one client of the batched deployment, whose wait "
+                "(/v1/stats, `time_per_input`): the Ingress decoding the image and running the "
+                "processor, the actor hop to the classifier and back, the classifier's wait for "
+                "its batch and model lock, its forward pass and voting, the rest of the Ingress "
+                "handler, and what is left of the client's latency: HTTP and the Serve proxy. batched_http_ms_p50: one client of the batched deployment, whose wait "
                 "for more requests (batch_wait_timeout_s) adds to a lone request's latency"
             ),
             if_missed=(
@@ -360,19 +361,30 @@ def sibling_artifacts(artifact: SavArtifact, folder: Path, n: int) -> dict[str, 
 
 
 def time_per_input(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
-    """Milliseconds per input between two /v1/stats answers: the Ingress decoding images, and
-    the classifier's processor, forward pass and voting."""
-    c0, c1 = before["classifier"], after["classifier"]
-    n = max(c1["inputs"] - c0["inputs"], 1)
-    out = {
-        "ingress_decode_ms": 1e3
-        * (after["ingress"]["decode_seconds"] - before["ingress"]["decode_seconds"])
-        / n
+    """Where a request of one input spends its time, in milliseconds per input between two
+    /v1/stats answers, from the server's own clocks: the Ingress decoding and running the
+    processor, the hop to the classifier and back, the classifier's wait for its batch and its
+    model lock, its forward pass and voting, and the rest of the Ingress's handler (FastAPI,
+    validation, JSON). What the client sees beyond `ingress_request_ms` is HTTP and the proxy."""
+    n = max(after["classifier"]["inputs"] - before["classifier"]["inputs"], 1)
+
+    def ms(side: str, part: str) -> float:
+        spent = after[side]["seconds"].get(part, 0.0) - before[side]["seconds"].get(part, 0.0)
+        return 1e3 * spent / n
+
+    call, in_replica = ms("ingress", "classifier_calls"), ms("classifier", "calls")
+    forward, vote = ms("classifier", "forward"), ms("classifier", "vote")
+    decode, encode = ms("ingress", "decode"), ms("ingress", "encode")
+    return {
+        "ingress_decode_ms": decode,
+        "ingress_encode_ms": encode,
+        "hop_to_classifier_ms": call - in_replica,
+        "classifier_wait_ms": in_replica - forward - vote,
+        "classifier_forward_ms": forward,
+        "classifier_vote_ms": vote,
+        "ingress_other_ms": ms("ingress", "requests") - decode - encode - call,
+        "ingress_request_ms": ms("ingress", "requests"),
     }
-    for part in ("encode", "forward", "vote"):
-        spent = c1["seconds"].get(part, 0.0) - c0["seconds"].get(part, 0.0)
-        out[f"classifier_{part}_ms"] = 1e3 * spent / n
-    return out
 
 
 def png_16_bit(width: int, height: int) -> str:

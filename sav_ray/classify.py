@@ -74,7 +74,11 @@ def predictions(artifact: SavArtifact, vectors_k: np.ndarray) -> list[Prediction
 def input_key(artifact: SavArtifact) -> str:
     """What decides an artifact's model input for a given example: its prompt and preprocessing.
     Artifacts with equal keys can read the same forward row."""
-    return json.dumps([artifact.prompt.to_dict(), artifact.preprocessing.to_dict()], sort_keys=True)
+    return input_key_of(artifact.prompt, artifact.preprocessing)
+
+
+def input_key_of(prompt: PromptConfig, preprocessing: Preprocessing) -> str:
+    return json.dumps([prompt.to_dict(), preprocessing.to_dict()], sort_keys=True)
 
 
 def input_variants(

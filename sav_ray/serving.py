@@ -10,10 +10,11 @@ The Serve deployments in `serve/app.py` are thin around this module:
 - `resolve_ref` maps a served model's reference (an artifact folder, `models:/NAME@ALIAS`,
   `models:/NAME/VERSION`) to an immutable model id: a registry version, or a folder pinned
   by the SHA-256 of its sav.json. A moved alias or a rewritten folder gives a new id.
-- `classify_shared` runs one batched forward pass for a batch of inputs, each naming its own
-  artifacts on the one base model (the union of their heads, to the deepest layer any needs);
-  if the batch fails on an input the model's processor refuses, each input is retried alone so
-  only that one fails.
+- `encode_example` runs the processor on one input, once per distinct prompt of the artifacts
+  it is for (the server does this in the Ingress, so the model's replica only pads and runs).
+- `classify_shared` runs one batched forward pass for a batch of encoded inputs, each naming its
+  own artifacts on the one base model (the union of their heads, to the deepest layer any
+  needs); if the batch fails on one input, each input is retried alone so only that one fails.
 - `LayerCounter` and `BatchStats` count what ran, for `GET /v1/stats`.
 
 Every error a client can cause is a `RequestError` carrying its HTTP status.
@@ -36,14 +37,14 @@ from typing import Any
 import torch
 
 from sav_ray.artifact import ARTIFACT_FILE, SavArtifact
-from sav_ray.classify import Prediction, input_key, predict_shared
+from sav_ray.classify import Prediction, input_key, input_key_of, predict_shared
 from sav_ray.fetch import FetchError, FetchTooLarge, UrlPrefix, UrlRefused, allowed_url, download
 from sav_ray.images import ImageError, ImageLimits, ImageTooLarge, decode_image, image_pixels
 from sav_ray.model_inputs import encode_row
 from sav_ray.models import LoadedModel, decoder_layers
-from sav_ray.prompts import Example, PromptError, user_content
+from sav_ray.prompts import Example, PromptConfig, PromptError
 from sav_ray.registry import is_registry_ref, parse_ref
-from sav_ray.resolution import DEFAULT_VIDEO_FRAMES
+from sav_ray.resolution import DEFAULT_VIDEO_FRAMES, Preprocessing
 from sav_ray.video import VideoError, VideoLimits, VideoTooLarge, decode_video
 
 UPLOAD_PREFIX = "part:"  # an image written `part:NAME` is the multipart request's file part NAME
@@ -437,37 +438,56 @@ def split_model_id(model_id: str) -> tuple[str, str | None]:
 # --- classification ---------------------------------------------------------------------------
 
 
-def check_prompt(example: Example, artifact: SavArtifact) -> None:
-    """Refuse an input the artifact's prompt cannot hold (e.g. `<image>` count != images)."""
-    try:
-        user_content(example, artifact.prompt)
-    except PromptError as e:
-        raise RequestError(422, str(e)) from None
+Rows = dict[str, dict[str, torch.Tensor]]  # input_key -> one row of `encode_row`
+
+
+def encode_example(
+    processor: Any, example: Example, variants: Sequence[tuple[PromptConfig, Preprocessing]]
+) -> Rows:
+    """One input's model inputs, once per distinct (prompt, preprocessing) among `variants`
+    (the artifacts a request names): input_key -> row. An input the prompt cannot hold (e.g.
+    `<image>` count != images) or the processor refuses (e.g. an image too elongated) is a 422
+    naming it."""
+    rows: Rows = {}
+    for prompt, prep in variants:
+        key = input_key_of(prompt, prep)
+        if key in rows:
+            continue
+        try:
+            rows[key] = encode_row(processor, example, prompt, prep)
+        except PromptError as e:
+            raise RequestError(422, str(e)) from None
+        except ValueError as e:
+            raise RequestError(
+                422, f"{example.where}: the model cannot take this input: {e}"
+            ) from None
+    return rows
 
 
 def classify_shared(
     lm: LoadedModel,
-    items: Sequence[tuple[Example, Sequence[SavArtifact]]],
+    items: Sequence[tuple[Rows, Sequence[SavArtifact]]],
     seconds: dict[str, float] | None = None,
+    where: Sequence[str] = (),
 ) -> tuple[list[list[Prediction] | RequestError], int]:
-    """Classify a batch of inputs, each with its own artifacts (all on `lm`'s base model), in
-    ONE forward pass (`predict_shared`). Returns, per input, one Prediction per artifact it
-    named (or its RequestError), and the number of forward rows run: one per input and distinct
-    prompt (`input_key`), so artifacts sharing a prompt share a row.
+    """Classify a batch of inputs, each given as its encoded rows (`encode_example`) with the
+    artifacts it names (all on `lm`'s base model), in ONE forward pass (`predict_shared`): an
+    artifact reads the row of its `input_key`, so artifacts sharing a prompt share a row.
+    Returns, per input, one Prediction per artifact it named (or its RequestError), and the
+    number of forward rows run.
 
-    A processor ValueError (e.g. an image too elongated for the model) fails the whole batched
-    call, so the batch is then retried one input at a time and only that input fails (422).
-    Other errors are server faults. `seconds` gets "encode" (processor), "forward" and "vote"
-    added."""
+    If the batched pass fails with a ValueError, the batch is retried one input at a time and
+    only the input that fails gets a 422 (named by `where[i]`). Other errors are server
+    faults. `seconds` gets "forward" and "vote" added."""
     try:
         return _classify_shared(lm, items, seconds)
     except ValueError as e:
         if len(items) == 1:
-            where = items[0][0].where
-            return [RequestError(422, f"{where}: the model cannot take this input: {e}")], 0
+            name = where[0] if where else "input"
+            return [RequestError(422, f"{name}: the model cannot take this input: {e}")], 0
     results, rows = [], 0
-    for item in items:
-        [result], n = classify_shared(lm, [item], seconds)
+    for i, item in enumerate(items):
+        [result], n = classify_shared(lm, [item], seconds, where[i : i + 1])
         results.append(result)
         rows += n
     return results, rows
@@ -475,16 +495,15 @@ def classify_shared(
 
 def _classify_shared(
     lm: LoadedModel,
-    items: Sequence[tuple[Example, Sequence[SavArtifact]]],
+    items: Sequence[tuple[Rows, Sequence[SavArtifact]]],
     seconds: dict[str, float] | None,
 ) -> tuple[list[list[Prediction] | RequestError], int]:
-    started = time.perf_counter()
     artifacts: dict[int, SavArtifact] = {}  # id -> artifact, in order of first use
     keys: dict[int, str] = {}  # id -> input_key
     rows: list[dict[str, torch.Tensor]] = []
     row_of: dict[tuple[int, str], int] = {}  # (input, input_key) -> row
     reads: dict[int, list[tuple[int, int, int]]] = {}  # id -> [(input, position, row)]
-    for i, (example, named) in enumerate(items):
+    for i, (encoded, named) in enumerate(items):
         for j, artifact in enumerate(named):
             a = id(artifact)
             if a not in artifacts:
@@ -492,12 +511,8 @@ def _classify_shared(
             at = (i, keys[a])
             if at not in row_of:
                 row_of[at] = len(rows)
-                rows.append(
-                    encode_row(lm.processor, example, artifact.prompt, artifact.preprocessing)
-                )
+                rows.append(encoded[keys[a]])
             reads[a].append((i, j, row_of[at]))
-    if seconds is not None:
-        seconds["encode"] = seconds.get("encode", 0.0) + time.perf_counter() - started
     per_artifact = predict_shared(
         lm,
         list(artifacts.values()),

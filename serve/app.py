@@ -21,9 +21,11 @@ Python: `serve.start(http_options={"host": "127.0.0.1", "port": 8000}); serve.ru
 """
 
 import asyncio
+import copy
 import itertools
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -36,10 +38,15 @@ from ray.serve.handle import DeploymentHandle
 from sav_ray.admission import BoundedPool, Busy, PixelBudget, peak_rss_mb
 from sav_ray.artifact import BaseModelInfo
 from sav_ray.placement import AUTO, cluster_nodes, resolve
+from sav_ray.preprocess import model_processor
+from sav_ray.prompts import PromptConfig
 from sav_ray.registry import model_version
+from sav_ray.resolution import Preprocessing
 from sav_ray.serving import (
     UPLOAD_PREFIX,
     Resolved,
+    Rows,
+    encode_example,
     is_fetched,
     refuse_control_characters,
     resolve_ref,
@@ -117,7 +124,12 @@ class Ingress:
         self.entries = {m.name: Entry(m.name, m.ref) for m in self.cfg.models}
         self.base_model: dict[str, Any] | None = None  # as the classifier loaded it
         self.retries = 0  # classifier calls retried after a replica failure
-        self.decode_seconds = 0.0  # reading, checking and decoding requests' images and videos
+        # seconds spent decoding inputs, in the processor, awaiting the classifier's answers
+        # (all of a request's inputs at once) and in the whole request handler
+        self.seconds = {"decode": 0.0, "encode": 0.0, "classifier_calls": 0.0, "requests": 0.0}
+        self.processor_source: list | None = None  # [model, revision], as the classifier has it
+        self._local = threading.local()  # a processor per pool thread
+        self._seconds_lock = threading.Lock()
         self._refresh_lock = asyncio.Lock()
         # a slow image source can hold only fetch workers, never a base64 request's decoding
         self.fetch_pool = BoundedPool("fetch", self.cfg.fetch_workers, self.cfg.fetch_queue)
@@ -182,6 +194,9 @@ class Ingress:
         if "error" in summary:
             entry.error, entry.error_status = summary["error"], summary["status"]
             return {**change, "error": entry.error}
+        if self.processor_source is None:  # processor files only, loaded once per Ingress
+            await asyncio.to_thread(model_processor, *summary["processor"])
+            self.processor_source = summary["processor"]
         entry.served, entry.error = Served(resolved, summary, _now()), None
         self.base_model = summary["base_model"]
         logger.info("%s now answers with %s", entry.name, resolved.model_id)
@@ -244,6 +259,14 @@ class Ingress:
         """`body.model` (one result) or `body.models` (one result per model, one forward pass
         per input for all of them). `uploads`: a multipart request's files, which images name
         as `part:NAME`."""
+        started = time.perf_counter()
+        try:
+            return await self._classify(body, uploads or {})
+        finally:
+            with self._seconds_lock:
+                self.seconds["requests"] += time.perf_counter() - started
+
+    async def _classify(self, body: Any, uploads: dict[str, bytes]) -> Any:
         names, fields = body.named()
         served = [self._served(n, f) for n, f in zip(names, fields, strict=True)]
         base = BaseModelInfo.from_dict(self.base_model)
@@ -265,27 +288,31 @@ class Ingress:
         ]
         fetches = any(is_fetched(source) for sources in images for source in sources)
         pool = self.fetch_pool if fetches else self.decode_pool
-        started = time.perf_counter()
+        variants = [
+            (
+                PromptConfig.from_dict(s.summary["prompt"]),
+                Preprocessing.from_dict(s.summary["preprocessing"]),
+            )
+            for s in served
+        ]
         try:
             with self.pixels.lease() as lease:
-                examples = await pool.run(
-                    to_examples,
+                rows = await pool.run(
+                    self._encode,
                     [
                         (item.text, sources)
                         for item, sources in zip(body.inputs, images, strict=True)
                     ],
-                    self.cfg.limits,
-                    self.cfg.image_sources,
                     [item.video for item in body.inputs],
                     frames.pop(),
                     lease.reserve,
+                    variants,
                 )
-                self.decode_seconds += time.perf_counter() - started
                 images = []  # the encoded images are not needed any more
                 for item in body.inputs:
                     item.images, item.video = [], None
                 model_ids = [s.resolved.model_id for s in served]
-                replies = await self._classify_examples(model_ids, examples)
+                replies = await self._classify_rows(model_ids, rows)
         except Busy as e:
             raise HTTPException(
                 503, e.message, headers={"Retry-After": str(e.retry_after_s)}
@@ -305,17 +332,52 @@ class Ingress:
         ]
         return results[0] if body.model is not None else MultiClassifyResponse(results=results)
 
-    async def _classify_examples(
-        self, model_ids: list[str], examples: list
-    ) -> list[dict[str, Any]]:
-        """Per example, {model_id: result}."""
+    def _encode(
+        self,
+        inputs: list[tuple[str, list[str | bytes]]],
+        videos: list[str | None],
+        video_frames: int,
+        reserve: Any,
+        variants: list[tuple[PromptConfig, Preprocessing]],
+    ) -> list[Rows]:
+        """In a pool thread: decode the inputs (`to_examples`), then run the processor on each,
+        once per distinct prompt of the named models (`encode_example`), so the classifier
+        replica only pads and runs the model."""
+        started = time.perf_counter()
+        examples = to_examples(
+            inputs, self.cfg.limits, self.cfg.image_sources, videos, video_frames, reserve
+        )
+        decoded = time.perf_counter()
+        processor = self._thread_processor()
+        rows = [encode_example(processor, ex, variants) for ex in examples]
+        with self._seconds_lock:
+            self.seconds["decode"] += decoded - started
+            self.seconds["encode"] += time.perf_counter() - decoded
+        return rows
+
+    def _thread_processor(self) -> Any:
+        """This pool thread's own copy of the processor: a fast tokenizer must not be used by
+        two threads at once (it sets its padding state on each call)."""
+        processor = getattr(self._local, "processor", None)
+        if processor is None:
+            processor = copy.deepcopy(model_processor(*self.processor_source))
+            self._local.processor = processor
+        return processor
+
+    async def _classify_rows(self, model_ids: list[str], rows: list[Rows]) -> list[dict[str, Any]]:
+        """Per input, {model_id: result}."""
+        started = time.perf_counter()
         replies = await asyncio.gather(
             *(
-                self._call("classify", model_ids, ex, timeout=self.cfg.request_timeout_s)
-                for ex in examples
+                self._call(
+                    "classify", model_ids, r, f"inputs[{i}]", timeout=self.cfg.request_timeout_s
+                )
+                for i, r in enumerate(rows)
             ),
             return_exceptions=True,
         )
+        with self._seconds_lock:
+            self.seconds["classifier_calls"] += time.perf_counter() - started
         for reply in replies:
             if isinstance(reply, BaseException):
                 raise reply
@@ -328,7 +390,7 @@ class Ingress:
         """The Ingress's counters for GET /v1/stats."""
         return {
             "classifier_retries": self.retries,
-            "decode_seconds": round(self.decode_seconds, 6),
+            "seconds": {k: round(v, 6) for k, v in self.seconds.items()},
             "fetch_pool": self.fetch_pool.stats(),
             "decode_pool": self.decode_pool.stats(),
             "pixels": self.pixels.stats(),

@@ -2,7 +2,9 @@
 
 Artifacts load on demand through the project's single loader (an LRU per replica,
 `@serve.multiplexed`, keyed by a pinned model id), refusing one fitted on another base model or
-revision. Each call classifies one input for one or more model ids. Calls are batched
+revision. Each call classifies one input, already encoded by the Ingress's processor threads
+(`encode_example`: one row per distinct prompt), for one or more model ids, so this replica
+only pads, moves to its device and runs the model. Calls are batched
 (`@serve.batch`) whatever model ids they name: a batch is per base model, not per artifact, and
 is ONE forward pass (`classify_shared`) capturing the union of the batch's heads, stopped after
 the deepest layer any of its artifacts selected; each artifact then votes with its own heads.
@@ -10,6 +12,7 @@ the deepest layer any of its artifacts selected; each artifact then votes with i
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import ray
@@ -18,15 +21,15 @@ from ray import serve
 
 from sav_ray.admission import peak_rss_mb
 from sav_ray.artifact import ArtifactError, SavArtifact
+from sav_ray.classify import input_key
 from sav_ray.models import load_model
 from sav_ray.placement import actor_placement
-from sav_ray.prompts import Example
 from sav_ray.registry import is_registry_ref, load_artifact_ref
 from sav_ray.serving import (
     BatchStats,
     LayerCounter,
     RequestError,
-    check_prompt,
+    Rows,
     classify_shared,
     split_model_id,
 )
@@ -84,6 +87,7 @@ class Classifier:
         self.lm = await asyncio.to_thread(
             load_model, base, revision, dtype=cfg.dtype, device=device
         )
+        self.processor_source = [base, revision]  # where the Ingress loads the same processor
         self.placement["device"] = str(self.lm.input_device)
         self.layers = LayerCounter(self.lm.model)
         self.batch_stats = BatchStats()
@@ -132,38 +136,52 @@ class Classifier:
             "labels": list(artifact.labels),
             "k": len(artifact.heads),
             "deepest_layer": artifact.deepest_layer,
-            "video_frames": artifact.preprocessing.video_frames,  # the Ingress decodes videos
+            # the Ingress decodes and encodes inputs with the artifact's settings
+            "video_frames": artifact.preprocessing.video_frames,
+            "prompt": artifact.prompt.to_dict(),
+            "preprocessing": artifact.preprocessing.to_dict(),
             "base_model": self.lm.info.to_dict(),
+            "processor": self.processor_source,
         }
 
-    async def classify(self, model_ids: list[str], example: Example) -> dict[str, Any]:
-        """One input for one or more model ids -> {"results": {model_id: {label, votes, scores,
-        artifact_hash}}} or {status, error}."""
+    async def classify(self, model_ids: list[str], rows: Rows, where: str) -> dict[str, Any]:
+        """One input, encoded by the Ingress (`encode_example`: input_key -> row), for one or
+        more model ids -> {"results": {model_id: {label, votes, scores, artifact_hash}}} or
+        {status, error}. `where` names the input in errors."""
+        started = time.perf_counter()
+        try:
+            return await self._classify(model_ids, rows, where)
+        finally:
+            seconds = self.batch_stats.seconds
+            seconds["calls"] = seconds.get("calls", 0.0) + time.perf_counter() - started
+
+    async def _classify(self, model_ids: list[str], rows: Rows, where: str) -> dict[str, Any]:
         artifacts = []
         for model_id in model_ids:
             artifact, error = await self._get(model_id)
             if error:
                 return error
-            try:
-                check_prompt(example, artifact)
-            except RequestError as e:
-                return error_summary(e.status, e.message)
+            if input_key(artifact) not in rows:  # the Ingress encodes with the artifact's prompt
+                return error_summary(
+                    409, f"model {model_id}: the input was not encoded with its prompt; retry"
+                )
             artifacts.append(artifact)
-        return await self._batched((tuple(model_ids), artifacts), example)
+        return await self._batched((tuple(model_ids), artifacts, where), rows)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _batched(
-        self, named: list[tuple[tuple[str, ...], list[SavArtifact]]], examples: list[Example]
+        self, named: list[tuple[tuple[str, ...], list[SavArtifact], str]], rows: list[Rows]
     ) -> list[dict[str, Any]]:
         """A batch of inputs, whatever artifacts each names: one forward pass."""
-        items = [(ex, artifacts) for (_, artifacts), ex in zip(named, examples, strict=True)]
+        items = [(r, artifacts) for (_, artifacts, _), r in zip(named, rows, strict=True)]
+        where = [w for _, _, w in named]
         async with self._model_lock:
-            results, rows = await asyncio.to_thread(
-                classify_shared, self.lm, items, self.batch_stats.seconds
+            results, n_rows = await asyncio.to_thread(
+                classify_shared, self.lm, items, self.batch_stats.seconds, where
             )
-        self.batch_stats.record([ids for ids, _ in named], results, rows)
+        self.batch_stats.record([ids for ids, _, _ in named], results, n_rows)
         replies = []
-        for (ids, artifacts), result in zip(named, results, strict=True):
+        for (ids, artifacts, _), result in zip(named, results, strict=True):
             if isinstance(result, RequestError):
                 replies.append(error_summary(result.status, result.message))
                 continue

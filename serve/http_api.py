@@ -369,10 +369,11 @@ def build_api(ingress: "Ingress") -> FastAPI:
         inputs), `models_per_batch` (distinct model ids in a batch -> batches: a batch serves
         every artifact of the base model), `forward_passes` (calls of the model),
         `forward_rows` and `rows_run` (rows those passes ran: one per input and distinct prompt,
-        however many models the input named), `seconds` (encode: the processor, forward, vote)
+        however many models the input named), `seconds` (in calls, the forward pass and voting)
         and `layers_run`, how many times each decoder layer ran: the layers after the deepest
         selected one stay at 0. `ingress`: `classifier_retries`, calls retried because a
-        classifier replica failed, and `decode_seconds`, reading and decoding images.
+        classifier replica failed, and `seconds` spent decoding inputs, in the processor,
+        awaiting the classifier and in request handlers.
 
             curl -s localhost:8000/v1/stats
         """

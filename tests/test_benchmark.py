@@ -287,7 +287,7 @@ def test_quick_benchmark_reports_every_row_with_a_target_and_verdict(tmp_path):
     # where a served request's time goes, from the server's counters
     where = rows["serving_overhead"]["measured"]
     assert where["classifier_forward_ms"] > 0 and where["ingress_decode_ms"] > 0
-    assert where["classifier_encode_ms"] > 0 and where["classifier_vote_ms"] > 0
+    assert where["ingress_encode_ms"] > 0 and where["classifier_vote_ms"] > 0
     assert rows["serving_many_models"]["measured"]["four_ms_p50"] > 0
     assert rows["forward_passes_per_example"]["value"] == 1.0  # exact, not timed
     assert rows["forward_passes_per_example"]["low"] == rows["forward_passes_per_example"]["high"]

@@ -9,6 +9,7 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sav_ray.artifact import SavArtifact, Selection, write_artifact
@@ -21,8 +22,8 @@ from sav_ray.serving import (
     LayerCounter,
     RequestError,
     RequestLimits,
-    check_prompt,
     classify_shared,
+    encode_example,
     image_bytes,
     resolve_ref,
     split_model_id,
@@ -218,20 +219,38 @@ def image(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def test_an_input_the_processor_refuses_fails_alone(lm):
-    artifact = tiny_artifact(lm.info, [[1, 0], [0, 3], [1, 2]])
-    good = [
-        Example("a", [image(56, 56, 1)], "inputs[0]"),
-        Example("b", [image(40, 30, 2)], "inputs[2]"),
-    ]
+def encoded(lm, example, artifacts):
+    return encode_example(lm.processor, example, [(a.prompt, a.preprocessing) for a in artifacts])
+
+
+def test_an_input_the_processor_refuses_is_a_422_naming_it(lm):
+    artifact = tiny_artifact(lm.info, [[1, 0]])
     elongated = Example("c", [image(5000, 20)], "inputs[1]")  # aspect ratio 250: Qwen2-VL refuses
-    batch = [(ex, [artifact]) for ex in (good[0], elongated, good[1])]
-    results, rows = classify_shared(lm, batch)
+    with pytest.raises(RequestError) as e:
+        encoded(lm, elongated, [artifact])
+    assert e.value.status == 422
+    assert e.value.message.startswith("inputs[1]: the model cannot take this input")
+
+
+def test_an_input_the_model_refuses_fails_alone_in_its_batch(lm):
+    artifact = tiny_artifact(lm.info, [[1, 0], [0, 3], [1, 2]])
+    good = [Example("a", [image(56, 56, 1)]), Example("b", [image(40, 30, 2)])]
+    rows = [encoded(lm, ex, [artifact]) for ex in good]
+    [bad] = [encoded(lm, Example("c", [image(56, 56, 3)]), [artifact])]
+    for row in bad.values():  # 4 image tokens fewer than image features: a ValueError
+        ids = row["input_ids"][0]
+        drop = (ids == lm.model.config.image_token_id).nonzero()[:4, 0]
+        keep = torch.ones(len(ids), dtype=torch.bool)
+        keep[drop] = False
+        row["input_ids"] = row["input_ids"][:, keep]
+        row["attention_mask"] = row["attention_mask"][:, keep]
+    batch = [(rows[0], [artifact]), (bad, [artifact]), (rows[1], [artifact])]
+    results, n = classify_shared(lm, batch, where=["inputs[0]", "inputs[1]", "inputs[2]"])
     assert isinstance(results[1], RequestError) and results[1].status == 422
     assert results[1].message.startswith("inputs[1]: the model cannot take this input")
     alone = [predict_examples(lm, artifact, [ex]) for ex in good]
     assert [results[0], results[2]] == alone
-    assert rows == 2  # the two good inputs, each run alone after the batch failed
+    assert n == 2  # the two good inputs, each run alone after the batch failed
 
 
 def test_artifacts_sharing_a_prompt_share_one_forward_row_per_input(lm):
@@ -245,9 +264,11 @@ def test_artifacts_sharing_a_prompt_share_one_forward_row_per_input(lm):
         Example("c", []),
     ]
     named = [[shallow, deep], [deep], [deep, shallow]]
+    items = [(encoded(lm, ex, arts), arts) for ex, arts in zip(examples, named, strict=True)]
+    assert all(len(rows) == 1 for rows, _ in items)  # one prompt: one encoding per input
     counter = LayerCounter(lm.model)
     try:
-        results, rows = classify_shared(lm, list(zip(examples, named, strict=True)))
+        results, rows = classify_shared(lm, items)
     finally:
         counter.remove()
     assert rows == 3 and counter.rows == 3
@@ -264,7 +285,8 @@ def test_artifacts_with_other_prompts_add_rows_to_the_same_forward_call(lm):
     examples = [Example("a", [image(56, 56, 1)]), Example("b", [])]
     counter = LayerCounter(lm.model)
     try:
-        results, rows = classify_shared(lm, [(ex, [plain, asked]) for ex in examples])
+        items = [(encoded(lm, ex, [plain, asked]), [plain, asked]) for ex in examples]
+        results, rows = classify_shared(lm, items)
     finally:
         counter.remove()
     assert rows == 4 and counter.rows == 4 and counter.counts[0] == 1
@@ -274,9 +296,9 @@ def test_artifacts_with_other_prompts_add_rows_to_the_same_forward_call(lm):
 
 def test_placeholder_count_must_match_the_images(lm):
     artifact = tiny_artifact(lm.info, [[0, 0]])
-    check_prompt(Example("compare <image> and <image>", [image(8, 8)] * 2), artifact)
+    encoded(lm, Example("compare <image> and <image>", [image(8, 8)] * 2), [artifact])
     with pytest.raises(RequestError) as e:
-        check_prompt(Example("compare <image> and <image>", [image(8, 8)], "inputs[4]"), artifact)
+        encoded(lm, Example("compare <image> and <image>", [image(8, 8)], "inputs[4]"), [artifact])
     assert e.value.status == 422 and "inputs[4]" in e.value.message
 
 
