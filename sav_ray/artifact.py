@@ -9,7 +9,10 @@ An artifact is a directory holding
 (shapes against labels, heads within the model's geometry) are made here. No pickle anywhere:
 tensors go through safetensors, the rest through JSON. Schema version 2 added `preprocessing`
 (image resolution limits); a version-1 artifact loads with the processor's defaults. Version 3
-adds optional fields (model families, text-only base models, video); versions 1 and 2 load.
+adds optional fields (model families, text-only base models, video). Version 4 adds the
+probabilities' `calibration` (temperature), the `decision` rule and an optional `threshold` on
+one label's probability; an artifact without a calibration (versions 1 to 3) predicts vote
+shares only, as before. All four load.
 
     art = write_artifact(SavArtifact(...), "out/my_sav")     # atomic: all files or nothing
     art = load_artifact("out/my_sav", expect=model_info)     # verifies schema, hashes, geometry
@@ -34,11 +37,12 @@ import numpy as np
 import safetensors.numpy
 
 from sav_ray import __version__
+from sav_ray.calibration import Threshold
 from sav_ray.prompts import PromptConfig
 from sav_ray.resolution import Preprocessing, nothing_applied
 
-SCHEMA_VERSION = 3
-SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3)
+SCHEMA_VERSION = 4
+SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3, 4)
 ARTIFACT_FILE = "sav.json"
 CENTROIDS_FILE = "centroids.safetensors"
 HEAD_SCORES_FILE = "head_scores.safetensors"
@@ -170,6 +174,30 @@ class Selection:
         )
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """How the probabilities are made: softmax over classes of the selected heads' mean cosine
+    similarity divided by `temperature`, fitted on the training set's leave-one-out
+    similarities (sav_ray/calibration.py)."""
+
+    temperature: float
+    loo_log_loss: float  # mean, at this temperature
+    loo_accuracy: float  # of the vote, leave-one-out
+    method: str = "softmax_mean_cosine"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Calibration:
+        return cls(
+            temperature=float(d["temperature"]),
+            loo_log_loss=float(d["loo_log_loss"]),
+            loo_accuracy=float(d["loo_accuracy"]),
+            method=d["method"],
+        )
+
+
 @dataclass(eq=False)
 class SavArtifact:
     """A fitted SAV classifier. Compare fields, not artifacts: the arrays have no `==`."""
@@ -184,6 +212,11 @@ class SavArtifact:
     preprocessing: Preprocessing = Preprocessing()  # image resolution limits; reused at inference
     # What the fit's processor made of `preprocessing` (resolution_plan(...).applied): a record.
     preprocessing_applied: dict[str, Any] = field(default_factory=nothing_applied)
+    # schema_version 4: probabilities (None: vote shares only, as versions 1-3), the label rule
+    # ("vote" or "probability") and an optional threshold on one label's probability
+    calibration: Calibration | None = None
+    decision: str = "vote"
+    threshold: Threshold | None = None
     created_at: str = ""  # ISO-8601 UTC; set by the writer if empty
     package_version: str = ""  # set by the writer if empty
     schema_version: int = SCHEMA_VERSION
@@ -267,6 +300,9 @@ def write_artifact(
                 "applied": artifact.preprocessing_applied,
             },
             "selection": artifact.selection.to_dict(),
+            "decision": artifact.decision,
+            **({"calibration": artifact.calibration.to_dict()} if artifact.calibration else {}),
+            **({"threshold": artifact.threshold.to_dict()} if artifact.threshold else {}),
             "files": files,
             "created_at": artifact.created_at
             or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -377,6 +413,9 @@ def load_artifact(path: str | Path, expect: BaseModelInfo | None = None) -> SavA
         preprocessing_applied=doc["preprocessing"]["applied"]
         if "preprocessing" in doc
         else nothing_applied(),
+        calibration=Calibration.from_dict(doc["calibration"]) if "calibration" in doc else None,
+        decision=doc.get("decision", "vote"),
+        threshold=Threshold.from_dict(doc["threshold"]) if "threshold" in doc else None,
         created_at=doc["created_at"],
         package_version=doc["package_version"],
         schema_version=int(version),
@@ -464,6 +503,13 @@ def _validate_doc(doc: dict[str, Any], where: str) -> None:
         problems.append(f"selection.scores has {len(scores)} entries for {len(heads)} heads")
     if any(scores[i] < scores[i + 1] for i in range(len(scores) - 1)):
         problems.append("selection.scores must be non-increasing: heads are listed best first")
+    if doc.get("decision") == "probability" and "calibration" not in doc:
+        raise ArtifactError(f"{where}: decision 'probability' needs a calibration")
+    if "threshold" in doc and doc["threshold"]["positive_label"] not in doc["labels"]:
+        raise ArtifactError(
+            f"{where}: threshold.positive_label {doc['threshold']['positive_label']!r} is not "
+            "one of the labels"
+        )
     if set(selection["examples_per_class"]) != set(doc["labels"]):
         problems.append(
             f"selection.examples_per_class has keys {sorted(selection['examples_per_class'])}, "

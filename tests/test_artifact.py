@@ -174,7 +174,7 @@ def test_unknown_schema_version_is_refused_naming_it(tmp_path):
     write_artifact(make_artifact(), tmp_path / "sav")
     # Version 3 may change anything: the version check must come before schema validation.
     edit_doc(tmp_path / "sav", lambda d: d.update(schema_version=99, labels="x", new_key=1))
-    with pytest.raises(ArtifactError, match=r"schema_version 99, .*\(supported: 1, 2, 3\)"):
+    with pytest.raises(ArtifactError, match=r"schema_version 99, .*\(supported: 1, 2, 3, 4\)"):
         load_artifact(tmp_path / "sav")
 
 
