@@ -11,6 +11,9 @@ On a cluster (joins it; outputs must be absolute paths, URIs or --register):
 Refit with another k or selection from saved vectors, without the model:
     python jobs/fit.py --from-vectors /abs/vectors --num-heads 10 --output /abs/sav-k10
 
+k from the data, and a threshold for a binary task (both leave-one-out on the training set):
+    python jobs/fit.py ... --num-heads auto --positive-label unsafe --target-precision 0.95
+
 Every fit is an MLflow run (params, metrics, the artifact, a head heat map) in the store of
 --tracking-uri, MLFLOW_TRACKING_URI or data/mlflow/ (sav_ray/tracking.py); a failed fit's run
 ends FAILED. `--register NAME` also makes the artifact a model version with alias `candidate`.
@@ -26,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from sav_ray.artifact import write_artifact  # noqa: E402
 from sav_ray.config import FitConfig  # noqa: E402
 from sav_ray.errors import ConfigError, job_main  # noqa: E402
-from sav_ray.fitting import fit, init_ray  # noqa: E402
+from sav_ray.fitting import check_positive_label, fit, init_ray  # noqa: E402
 from sav_ray.manifest import check_image_files, read_manifest, validate_for_fit  # noqa: E402
 from sav_ray.placement import format_placements, place  # noqa: E402
 from sav_ray.preflight import check_model  # noqa: E402
@@ -45,7 +48,7 @@ def main(argv: list[str] | None) -> int:
         # Before Ray starts: the manifest (as fit() checks it), then the model from its config
         # and processor files only.
         table = read_manifest(cfg.train, cfg.manifest_fields)
-        validate_for_fit(table, cfg.selection)
+        check_positive_label(cfg, validate_for_fit(table, cfg.selection))
         check_image_files(table)
         info = check_model(cfg, cfg.prompt, table)
         print(f"model {info.describe()}")
@@ -64,6 +67,17 @@ def main(argv: list[str] | None) -> int:
         f"in {stats.wall_seconds:.1f}s; train accuracy {stats.train_accuracy:.3f}; "
         f"top heads {heads}; artifact {cfg.output or '(MLflow only)'}"
     )
+    cal = artifact.calibration
+    print(
+        f"k = {len(artifact.heads)}; leave-one-out accuracy {cal.loo_accuracy:.3f}, "
+        f"probabilities' temperature {cal.temperature:.4g} (log loss {cal.loo_log_loss:.3f})"
+    )
+    if artifact.threshold is not None:
+        t = artifact.threshold
+        print(
+            f"threshold p({t.positive_label}) >= {t.threshold:.4g}: leave-one-out precision "
+            f"{t.precision:.3f}, recall {t.recall:.3f} (target {t.target} {t.target_value:g})"
+        )
     if stats.placements:
         print(format_placements(stats.placements))
     print(f"MLflow run {run.run_id} in {run.uri}")

@@ -39,12 +39,28 @@ class ModelConfig:
         return cls(**{**flags, **given})
 
 
+DECISIONS = ("vote", "probability")
+
+
+def _int_or_auto(value: str) -> int | str:
+    if value == AUTO:
+        return AUTO
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number or auto") from None
+
+
 @dataclass(frozen=True)
 class FitConfig(ModelConfig):
     train: str = ""
     output: str = ""
-    num_heads: int = 20
+    num_heads: int | str = 20  # or "auto": chosen by leave-one-out accuracy (calibration.py)
     selection: str = "paper"
+    decision: str = "vote"  # the predicted label: "vote" (most votes) or "probability"
+    positive_label: str | None = None  # binary / one-vs-rest: store a threshold on p(label)
+    target_precision: float | None = None
+    target_recall: float | None = None
     save_vectors: str | None = None
     from_vectors: str | None = None
     vectors_dtype: str = "float32"
@@ -99,8 +115,19 @@ class FitConfig(ModelConfig):
             )
         if self.selection not in SELECTION_METHODS:
             raise ConfigError(f"--selection {self.selection!r}: choose one of {SELECTION_METHODS}")
-        if self.num_heads < 1:
-            raise ConfigError(f"--num-heads {self.num_heads}: must be at least 1")
+        if self.num_heads != AUTO and (not isinstance(self.num_heads, int) or self.num_heads < 1):
+            raise ConfigError(f"--num-heads {self.num_heads}: must be at least 1 (or auto)")
+        if self.decision not in DECISIONS:
+            raise ConfigError(f"--decision {self.decision!r}: choose one of {DECISIONS}")
+        targets = [t for t in (self.target_precision, self.target_recall) if t is not None]
+        if targets and not self.positive_label:
+            raise ConfigError("--target-precision/--target-recall need --positive-label LABEL")
+        if self.positive_label and len(targets) != 1:
+            raise ConfigError(
+                "--positive-label needs one of --target-precision P or --target-recall R"
+            )
+        if targets and not 0 < targets[0] <= 1:
+            raise ConfigError(f"--target-precision/--target-recall {targets[0]}: must be in (0, 1]")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
         if self.actors != AUTO and self.actors < 1:
@@ -149,8 +176,30 @@ class FitConfig(ModelConfig):
             default="",
             help="artifact directory to write (absolute or URI under ray job submit)",
         )
-        p.add_argument("--num-heads", type=int, default=20, help="k: heads to keep (default 20)")
+        p.add_argument(
+            "--num-heads",
+            type=_int_or_auto,
+            default=20,
+            help="k: heads to keep (default 20), or auto: the k of 1, 2, 3, 5, 10, 20, 40, 80, "
+            "160 and all heads with the best leave-one-out vote accuracy",
+        )
         p.add_argument("--selection", default="paper", choices=SELECTION_METHODS)
+        p.add_argument(
+            "--decision",
+            default="vote",
+            choices=DECISIONS,
+            help="the predicted label: the heads' vote (default) or the most probable class",
+        )
+        p.add_argument(
+            "--positive-label",
+            default=None,
+            metavar="LABEL",
+            help="binary or one-vs-rest: store a threshold on p(LABEL), chosen on the training "
+            "set's leave-one-out probabilities to reach --target-precision or --target-recall; "
+            "predictions then carry `decision` (p(LABEL) >= threshold)",
+        )
+        p.add_argument("--target-precision", type=float, default=None, metavar="P")
+        p.add_argument("--target-recall", type=float, default=None, metavar="R")
         p.add_argument(
             "--save-vectors",
             default=None,

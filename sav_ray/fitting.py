@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from sav_ray import reduce
-from sav_ray.artifact import BaseModelInfo, SavArtifact, Selection
+from sav_ray import calibration, reduce
+from sav_ray.artifact import BaseModelInfo, Calibration, SavArtifact, Selection
 from sav_ray.config import FitConfig, ModelConfig
 from sav_ray.errors import ConfigError, quiet_ray_data_tracebacks
 from sav_ray.manifest import check_image_files, read_manifest, validate_for_fit
+from sav_ray.placement import AUTO
 from sav_ray.preprocess import preprocessing_applied, with_video_input
 from sav_ray.prompts import PromptConfig
 from sav_ray.remote_sums import RemoteClassSums, accumulate
@@ -42,6 +43,7 @@ class FitStats:
     wall_seconds: float
     extract_seconds: float  # manifest read to materialised vectors (0 with --from-vectors)
     placements: list[dict[str, Any]]  # one per model actor: {node, pid, gpu_ids, device}
+    k_curve: calibration.LooCurve | None = None  # leave-one-out figures per candidate k
 
     @property
     def examples_per_second(self) -> float:
@@ -207,6 +209,110 @@ def head_hits(ds: Any, sums: RemoteClassSums, method: str) -> reduce.HeadHits:
     return total
 
 
+def _curve_of_block(
+    batch: dict[str, np.ndarray],
+    labels: tuple[str, ...],
+    heads: np.ndarray,
+    centroids: Any,
+    counts: np.ndarray,
+    ks: list[int],
+) -> dict[str, np.ndarray]:
+    import ray
+
+    y = _label_index(labels, batch["label"])
+    part = calibration.loo_curve(
+        reduce.gather_heads(batch["vectors"], heads), y, ray.get(centroids), counts, ks
+    )
+    return {"correct": part.correct[None], "log_loss": part.log_loss[None], "n": np.array([part.n])}
+
+
+def _positive_of_block(
+    batch: dict[str, np.ndarray],
+    labels: tuple[str, ...],
+    heads: np.ndarray,
+    centroids: np.ndarray,
+    counts: np.ndarray,
+    temperature: float,
+    positive: int,
+) -> dict[str, np.ndarray]:
+    y = _label_index(labels, batch["label"])
+    probs = calibration.loo_probabilities(
+        reduce.gather_heads(batch["vectors"], heads), y, centroids, counts, temperature
+    )  # [b, class]
+    return {"p": probs[:, positive], "positive": y == positive}
+
+
+@dataclass
+class KChoice:
+    """The heads kept and what the leave-one-out pass found (calibration.py)."""
+
+    heads: np.ndarray  # [k, 2]
+    centroids: np.ndarray  # [class, k, head_dim]
+    temperature: float
+    curve: calibration.LooCurve
+    index: int  # of the chosen k in curve.ks
+
+
+def choose_heads(
+    ds: Any, sums: RemoteClassSums, scores: np.ndarray, num_heads: int | str
+) -> KChoice:
+    """The top heads (k = `num_heads`, or the k of `calibration.k_grid` with the best
+    leave-one-out vote accuracy for `auto`) and the temperature of their probabilities, from
+    one more pass over the vectors (no model)."""
+    import ray
+
+    if num_heads == AUTO:
+        ks = calibration.k_grid(scores.size)
+    else:
+        ks = [len(reduce.select_heads(scores, int(num_heads)))]  # checks the range
+    top = reduce.rank_heads(scores)[: ks[-1]]  # [K, 2]
+    centroids = sums.centroids(top)  # [class, K, head_dim]
+    curve = None
+    labels = sums.labels
+    for p in _partials(
+        ds,
+        _curve_of_block,
+        labels=labels,
+        heads=top,
+        centroids=ray.put(centroids),
+        counts=sums.counts,
+        ks=ks,
+    ).iter_rows():
+        part = calibration.LooCurve(
+            np.asarray(ks), calibration.TEMPERATURES, p["correct"], p["log_loss"], int(p["n"])
+        )
+        curve = part if curve is None else curve.merge(part)
+    i = curve.choose()
+    k = ks[i]
+    return KChoice(top[:k], centroids[:, :k], curve.temperature(i), curve, i)
+
+
+def loo_threshold(
+    ds: Any, sums: RemoteClassSums, choice: KChoice, positive_label: str, target: str, value: float
+) -> calibration.Threshold:
+    """The threshold on p(positive_label) reaching the target on the training set's
+    leave-one-out probabilities."""
+    labels = sums.labels
+    rows = _partials(
+        ds,
+        _positive_of_block,
+        labels=labels,
+        heads=choice.heads,
+        centroids=choice.centroids,
+        counts=sums.counts,
+        temperature=choice.temperature,
+        positive=labels.index(positive_label),
+    ).take_all()
+    p = np.array([r["p"] for r in rows])
+    positive = np.array([bool(r["positive"]) for r in rows])
+    flag = f"--target-{target}"
+    try:
+        t, precision, recall = calibration.choose_threshold(p, positive, target, value)
+    except ValueError as e:
+        raise ConfigError(f"{flag} {value}: {e}") from None
+    return calibration.Threshold(positive_label, t, target, value, precision, recall)
+
+
 def vote_accuracy(ds: Any, artifact: SavArtifact) -> float:
     import ray
 
@@ -243,6 +349,15 @@ def read_vectors(in_dir: str) -> tuple[Any, dict[str, Any]]:
     return ray.data.read_parquet(in_dir, file_extensions=["parquet"]), meta
 
 
+def check_positive_label(cfg: FitConfig, labels: tuple[str, ...]) -> None:
+    """--positive-label must be a label of the training set (checked before the model runs)."""
+    if cfg.positive_label is not None and cfg.positive_label not in labels:
+        raise ConfigError(
+            f"--positive-label {cfg.positive_label!r}: not a label of the training set; the "
+            f"labels are {list(labels)}"
+        )
+
+
 def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
     """Run the whole fit and return the artifact (not yet written) and its stats."""
     started = time.perf_counter()
@@ -250,6 +365,7 @@ def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
         init_ray()
         ds, meta = read_vectors(cfg.from_vectors)
         labels, prompt = tuple(meta["labels"]), PromptConfig.from_dict(meta["prompt"])
+        check_positive_label(cfg, labels)
         # Sidecars written before resolution limits existed have none: processor defaults.
         recorded = meta.get("preprocessing") or {}
         prep = Preprocessing.from_dict(recorded)
@@ -260,6 +376,7 @@ def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
         info = None
         table = read_manifest(cfg.train, cfg.manifest_fields)
         labels = validate_for_fit(table, cfg.selection)
+        check_positive_label(cfg, labels)
         check_image_files(table)
         prompt, prep = cfg.prompt, cfg.preprocessing
         applied = preprocessing_applied(cfg.model, cfg.revision, prep)
@@ -279,8 +396,16 @@ def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
         }
         write_vectors(ds, cfg.save_vectors, meta)
     scores = head_hits(ds, sums, cfg.selection).scores()  # [layer, head]
-    heads = reduce.select_heads(scores, cfg.num_heads)  # [k, 2]
-    centroids = sums.centroids(heads)  # [class, k, head_dim]
+    choice = choose_heads(ds, sums, scores, cfg.num_heads)
+    heads, centroids = choice.heads, choice.centroids  # [k, 2], [class, k, head_dim]
+    threshold = None
+    if cfg.positive_label:
+        target, value = (
+            ("precision", cfg.target_precision)
+            if cfg.target_precision is not None
+            else ("recall", cfg.target_recall)
+        )
+        threshold = loo_threshold(ds, sums, choice, cfg.positive_label, target, value)
     artifact = SavArtifact(
         labels=list(labels),
         heads=heads,
@@ -296,6 +421,13 @@ def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
             scores=[float(scores[layer, head]) for layer, head in heads],
         ),
         head_scores=scores.astype(np.float32),
+        calibration=Calibration(
+            temperature=choice.temperature,
+            loo_log_loss=float(choice.curve.best_log_loss()[0][choice.index]),
+            loo_accuracy=float(choice.curve.accuracy()[choice.index]),
+        ),
+        decision=cfg.decision,
+        threshold=threshold,
     )
     stats = FitStats(
         examples=int(sums.counts.sum()),
@@ -304,5 +436,6 @@ def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
         wall_seconds=time.perf_counter() - started,
         extract_seconds=extract_seconds,
         placements=first.placements,
+        k_curve=choice.curve,
     )
     return artifact, stats

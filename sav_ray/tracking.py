@@ -219,6 +219,14 @@ def log_fit(
     }
     if math.isfinite(stats.examples_per_second):
         metrics["examples_per_second"] = stats.examples_per_second
+    if artifact.calibration is not None:
+        metrics["temperature"] = artifact.calibration.temperature
+        metrics["loo_accuracy"] = artifact.calibration.loo_accuracy
+        metrics["loo_log_loss"] = artifact.calibration.loo_log_loss
+    if artifact.threshold is not None:
+        metrics["threshold"] = artifact.threshold.threshold
+        metrics["threshold_loo_precision"] = artifact.threshold.precision
+        metrics["threshold_loo_recall"] = artifact.threshold.recall
     mlflow.log_metrics(metrics)
     now = int(time.time() * 1000)
     run_id = mlflow.active_run().info.run_id
@@ -226,6 +234,21 @@ def log_fit(
         run_id,
         metrics=[Metric("selected_head_score", s, now, rank) for rank, s in enumerate(scores)],
     )
+    curve = stats.k_curve
+    if curve is not None and len(curve.ks) > 1:  # --num-heads auto: the curve it chose from
+        loss, _ = curve.best_log_loss()
+        mlflow.MlflowClient().log_batch(
+            run_id,
+            metrics=[
+                m
+                for k, acc, ll in zip(curve.ks, curve.accuracy(), loss, strict=True)
+                for m in (
+                    Metric("loo_accuracy_at_k", float(acc), now, int(k)),
+                    Metric("loo_log_loss_at_k", float(ll), now, int(k)),
+                )
+            ],
+        )
+        mlflow.log_figure(k_curve_figure(curve, len(artifact.heads)), "k_curve.png")
     mlflow.log_artifacts(str(artifact_dir), SAV_SUBDIR)
     if artifact.head_scores is not None:
         mlflow.log_figure(head_heatmap(artifact.head_scores, artifact.heads), "head_scores.png")
@@ -265,27 +288,63 @@ def head_heatmap(scores: np.ndarray, heads: np.ndarray) -> Any:
     return fig
 
 
+def k_curve_figure(curve: Any, chosen: int) -> Any:
+    """Leave-one-out vote accuracy and log loss against k (log scale), the chosen k marked."""
+    from matplotlib.figure import Figure
+
+    loss, _ = curve.best_log_loss()
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    ax.plot(curve.ks, curve.accuracy(), "o-", color="tab:blue", label="leave-one-out accuracy")
+    ax.set_xscale("log")
+    ax.set_xlabel("k (heads voting)")
+    ax.set_ylabel("accuracy", color="tab:blue")
+    ax.axvline(chosen, color="grey", linestyle="--", label=f"chosen k = {chosen}")
+    other = ax.twinx()
+    other.plot(curve.ks, loss, "s-", color="tab:orange", label="log loss")
+    other.set_ylabel("log loss (at the best temperature)", color="tab:orange")
+    ax.set_title("choosing k: leave-one-out on the training set", fontsize="medium")
+    lines = ax.get_legend_handles_labels()
+    more = other.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower center", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
 def metric_key(*parts: str) -> str:
     """An MLflow metric name from parts (a label may hold characters MLflow refuses)."""
     return "/".join(re.sub(r"[^\w.\- ]", "_", p) for p in parts)
 
 
-def log_evaluation(report: dict[str, Metrics], model_id: str | None = None) -> None:
+def log_evaluation(
+    report: dict[str, Metrics],
+    model_id: str | None = None,
+    binary: dict[str, float] | None = None,
+    reliability: Any = None,
+) -> None:
     """Into the active run: each method's metrics (`sav/accuracy`, ...), linked to the logged
-    model when `model_id` is given, and the SAV's confusion matrix as a PNG."""
+    model when `model_id` is given, the positive label's figures (`binary`: `sav/roc_auc`, ...),
+    each method's confusion matrix and the SAV's reliability diagram as PNGs."""
     import mlflow
 
     from sav_ray.evaluation import confusion_figure
 
     metrics: dict[str, float] = {}
+    for key, value in (binary or {}).items():
+        if isinstance(value, float):
+            metrics[metric_key("sav", key)] = value
     for method, m in report.items():
         metrics[metric_key(method, "accuracy")] = m.accuracy
         metrics[metric_key(method, "macro_f1")] = m.macro_f1
         if m.ece is not None:
             metrics[metric_key(method, "ece")] = m.ece
+        if m.ece_probabilities is not None:
+            metrics[metric_key(method, "ece_probabilities")] = m.ece_probabilities
         for label, recall in m.recall.items():
             metrics[metric_key(method, "recall", label)] = recall
     mlflow.log_metrics(metrics, model_id=model_id)
     mlflow.log_dict({method: m.to_dict() for method, m in report.items()}, "evaluation.json")
     for method, m in report.items():
         mlflow.log_figure(confusion_figure(m, method), f"confusion_{method}.png")
+    if reliability is not None:
+        mlflow.log_figure(reliability, "reliability.png")

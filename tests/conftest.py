@@ -130,11 +130,11 @@ def manifest_examples():
 
 def _fit_in_process(lm, examples, labels_of_rows, prompt, k):
     """The SavArtifact (not written) of `examples` fitted with the core functions (no Ray):
-    `paper` selection of k heads."""
+    `paper` selection of k heads, the probabilities' temperature from leave-one-out."""
     import numpy as np
 
-    from sav_ray import reduce
-    from sav_ray.artifact import SavArtifact, Selection
+    from sav_ray import calibration, reduce
+    from sav_ray.artifact import Calibration, SavArtifact, Selection
     from sav_ray.capture import capture_examples
 
     labels = tuple(sorted(set(labels_of_rows)))
@@ -143,10 +143,19 @@ def _fit_in_process(lm, examples, labels_of_rows, prompt, k):
     sums = reduce.ClassSums.from_batch(labels, vectors, y)
     scores = reduce.head_hits(vectors, y, sums, "paper").scores()  # [layer, head]
     heads = reduce.select_heads(scores, k)  # [k, 2]
+    centroids = reduce.gather_heads(sums.centroids(), heads)  # [class, k, head_dim]
+    curve = calibration.loo_curve(
+        reduce.gather_heads(vectors, heads), y, centroids, sums.counts, [k]
+    )
     return SavArtifact(
         labels=list(labels),
         heads=heads,
-        centroids=reduce.gather_heads(sums.centroids(), heads),  # [class, k, head_dim]
+        centroids=centroids,
+        calibration=Calibration(
+            temperature=curve.temperature(0),
+            loo_log_loss=float(curve.best_log_loss()[0][0]),
+            loo_accuracy=float(curve.accuracy()[0]),
+        ),
         base_model=lm.info,
         prompt=prompt,
         selection=Selection(

@@ -231,3 +231,92 @@ def test_plain_python_run_exits_non_zero_on_a_bad_flag(tmp_path):
     )
     assert proc.returncode == 2
     assert "--num-heads" in proc.stderr
+
+
+def _unit(v):
+    n = np.linalg.norm(v)
+    return v / n if n > 0 else v * 0
+
+
+def test_auto_k_probabilities_and_a_threshold_from_saved_vectors(
+    one_actor, base_cfg, demo_data, manifest_examples
+):
+    """--num-heads auto over the grid, the temperature, a threshold reaching its target
+    precision leave-one-out (checked by recomputing each centroid without the example), and
+    predictions whose probabilities equal the softmax of mean cosines over the temperature."""
+    from sav_ray import calibration
+    from sav_ray.capture import capture_examples
+    from sav_ray.models import load_model
+
+    _, _, vectors = one_actor
+    cfg = replace(
+        base_cfg,
+        model="",
+        train="",
+        from_vectors=str(vectors),
+        num_heads="auto",
+        positive_label="red_circle",
+        target_precision=0.9,
+    )
+    artifact, stats = fit(cfg)
+    curve = stats.k_curve
+    total = artifact.base_model.num_layers * artifact.base_model.num_heads
+    assert list(curve.ks) == calibration.k_grid(total)
+    assert len(artifact.heads) == curve.ks[curve.choose()]
+    t = artifact.threshold
+    assert t.positive_label == "red_circle" and t.precision >= 0.9
+
+    lm = load_model(base_cfg.model)
+    examples, labels = manifest_examples(base_cfg.train)
+    train = capture_examples(lm, examples, artifact.prompt)  # [n, L, H, D]
+    heads = artifact.heads
+    x = train[:, heads[:, 0], heads[:, 1]]  # [n, k, D]
+    y = np.array([artifact.labels.index(label) for label in labels])
+    loo = []
+    for i in range(len(y)):
+        others = np.arange(len(y)) != i
+        s = [
+            np.mean(
+                [
+                    _unit(x[i, h]) @ _unit(x[others & (y == c), h].mean(axis=0))
+                    for h in range(len(heads))
+                ]
+            )
+            for c in range(len(artifact.labels))
+        ]
+        z = np.array(s) / artifact.calibration.temperature
+        e = np.exp(z - z.max())
+        loo.append(e[artifact.labels.index("red_circle")] / e.sum())
+    called = np.array(loo) >= t.threshold
+    positive = y == artifact.labels.index("red_circle")
+    assert (called & positive).sum() / called.sum() >= 0.9
+
+    from sav_ray.artifact import write_artifact
+
+    written = write_artifact(artifact, Path(base_cfg.output).parent / "auto")
+    table = read_manifest(demo_data["test"], require_label=False)
+    records = predict_table(table, ModelConfig(model=base_cfg.model), written)
+    test_examples, _ = manifest_examples(demo_data["test"])
+    test = capture_examples(lm, test_examples, artifact.prompt)[:, heads[:, 0], heads[:, 1]]
+    for r, v in zip(records, test, strict=True):
+        p = r["probabilities"]
+        assert abs(sum(p.values()) - 1.0) <= 1e-6
+        s = [
+            np.mean([_unit(v[h]) @ _unit(written.centroids[c, h]) for h in range(len(heads))])
+            for c in range(len(written.labels))
+        ]
+        z = np.array(s) / written.calibration.temperature
+        e = np.exp(z - z.max())
+        np.testing.assert_allclose([p[lab] for lab in written.labels], e / e.sum(), atol=1e-6)
+        assert r["decision"] == (p["red_circle"] >= t.threshold)
+    # on the demo data the probabilities are better calibrated than the vote shares
+    vote_ok = np.array([r["label"] == r["true_label"] for r in records])
+    top_p = [max(r["probabilities"], key=r["probabilities"].get) for r in records]
+    p_ok = np.array([label == r["true_label"] for label, r in zip(top_p, records, strict=True)])
+    ece_votes = calibration.expected_calibration_error(
+        np.array([max(r["scores"].values()) for r in records]), vote_ok
+    )
+    ece_p = calibration.expected_calibration_error(
+        np.array([max(r["probabilities"].values()) for r in records]), p_ok
+    )
+    assert ece_p < ece_votes, (ece_p, ece_votes)
