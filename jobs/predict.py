@@ -4,8 +4,9 @@
     python jobs/predict.py --artifact models:/safety@production --artifact topic=/abs/topic/sav \
         --data data/demo/test.jsonl --output preds.parquet
 
-Each result has `row`, `id`, `label` (predicted), `votes` and `scores` per label, and
-`true_label` when the manifest has one; the accuracy is printed when it does. With several
+Each result has `row`, `id`, `label` (predicted), `votes`, `scores` and `probabilities` per
+label (no probabilities for an artifact fitted before they existed), `decision` where the
+artifact has a threshold, and `true_label` when the manifest has one; the accuracy is printed when it does. With several
 `--artifact`s (all fitted on one base model) the model runs ONCE per row for all of them, and
 each result has every artifact's `label`, `votes` and `scores` under its name: `NAME=REF`, or
 by default the registered model's name (models:/NAME@ALIAS) or the folder's name. The base

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sav_ray import reduce
+from sav_ray import calibration, reduce
 from sav_ray.artifact import SavArtifact
 from sav_ray.capture import capture_rows
 from sav_ray.model_inputs import encode_row
@@ -37,12 +37,21 @@ from sav_ray.resolution import Preprocessing
 
 @dataclass(frozen=True)
 class Prediction:
-    label: str
+    label: str  # the vote's winner, or the most probable label (artifact.decision)
     votes: dict[str, int]  # heads voting for each label; they sum to k
     scores: dict[str, float]  # votes / k: per-label scores that sum to 1
+    # softmax of the heads' mean cosine similarity over the artifact's temperature; None for
+    # an artifact without a calibration (schema versions 1-3)
+    probabilities: dict[str, float] | None = None
+    decision: bool | None = None  # p(threshold's label) >= threshold; None without a threshold
 
     def to_dict(self) -> dict[str, object]:
-        return {"label": self.label, "votes": self.votes, "scores": self.scores}
+        out: dict[str, object] = {"label": self.label, "votes": self.votes, "scores": self.scores}
+        if self.probabilities is not None:
+            out["probabilities"] = self.probabilities
+        if self.decision is not None:
+            out["decision"] = self.decision
+        return out
 
 
 def needed_layers(artifact: SavArtifact) -> list[int]:
@@ -58,17 +67,32 @@ def head_vectors(vectors: np.ndarray, layers: list[int], artifact: SavArtifact) 
 
 
 def predictions(artifact: SavArtifact, vectors_k: np.ndarray) -> list[Prediction]:
-    """Vote with the selected heads' vectors [n, k, head_dim]."""
+    """Vote with the selected heads' vectors [n, k, head_dim]; with the artifact's calibration,
+    also the probabilities (and its threshold's decision)."""
     votes = reduce.classify(vectors_k, artifact.centroids)
     labels = artifact.labels
-    return [
-        Prediction(
-            label=labels[int(votes.label_idx[i])],
-            votes={lab: int(v) for lab, v in zip(labels, votes.votes[i], strict=True)},
-            scores={lab: float(s) for lab, s in zip(labels, votes.scores[i], strict=True)},
+    probs = None
+    if artifact.calibration is not None:
+        probs = calibration.probabilities(
+            vectors_k, artifact.centroids, artifact.calibration.temperature
+        )  # [n, class]
+    winner = votes.label_idx if artifact.decision == "vote" else probs.argmax(axis=1)
+    threshold = artifact.threshold
+    out = []
+    for i in range(len(vectors_k)):
+        p = None if probs is None else dict(zip(labels, map(float, probs[i]), strict=True))
+        out.append(
+            Prediction(
+                label=labels[int(winner[i])],
+                votes={lab: int(v) for lab, v in zip(labels, votes.votes[i], strict=True)},
+                scores={lab: float(s) for lab, s in zip(labels, votes.scores[i], strict=True)},
+                probabilities=p,
+                decision=None
+                if threshold is None or p is None
+                else bool(p[threshold.positive_label] >= threshold.threshold),
+            )
         )
-        for i in range(len(vectors_k))
-    ]
+    return out
 
 
 def input_key(artifact: SavArtifact) -> str:

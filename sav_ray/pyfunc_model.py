@@ -19,6 +19,9 @@ Output: a pandas DataFrame, one row per input row, in order
     label   str               the predicted label
     votes   dict[str, int]    heads voting for each label (they sum to k)
     scores  dict[str, float]  votes / k
+    probabilities  dict[str, float]  per label, summing to 1 (artifacts fitted with sav-ray's
+                   probabilities, schema_version 4; absent for older ones)
+    decision  bool  p(positive label) >= the artifact's threshold (only where it has one)
 These are `sav_ray.classify.predict_examples`'s, the same as jobs/predict.py's: inputs are
 processed with the artifact's prompt and image resolution (its `preprocessing`).
 
@@ -96,13 +99,16 @@ class SavModel(PythonModel):
             preds += predict_examples(
                 self.lm, self.artifact, examples[start : start + self.batch_size]
             )
-        return pd.DataFrame(
-            {
-                "label": [p.label for p in preds],
-                "votes": [p.votes for p in preds],
-                "scores": [p.scores for p in preds],
-            }
-        )
+        out = {
+            "label": [p.label for p in preds],
+            "votes": [p.votes for p in preds],
+            "scores": [p.scores for p in preds],
+        }
+        if self.artifact.calibration is not None:
+            out["probabilities"] = [p.probabilities for p in preds]
+        if self.artifact.threshold is not None:
+            out["decision"] = [p.decision for p in preds]
+        return pd.DataFrame(out)
 
 
 def _base64(value: str, what: str, error: type[ValueError]) -> bytes:

@@ -212,6 +212,8 @@ def pyfunc_signature() -> Any:
                 ColSpec(DataType.string, "label"),
                 ColSpec(Map(DataType.long), "votes"),
                 ColSpec(Map(DataType.double), "scores"),
+                ColSpec(Map(DataType.double), "probabilities", required=False),
+                ColSpec(DataType.boolean, "decision", required=False),
             ]
         ),
     )
@@ -302,7 +304,12 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def evaluation_tags(report: dict[str, Any], data: str | Path, run_id: str) -> dict[str, str]:
+def evaluation_tags(
+    report: dict[str, Any],
+    data: str | Path,
+    run_id: str,
+    binary: dict[str, Any] | None = None,
+) -> dict[str, str]:
     """The `eval.*` version tags of jobs/evaluate.py; the data is identified by the manifest's
     SHA-256 (not its images), so that `--must-beat` compares runs on the same rows."""
     sav = report["sav"]
@@ -310,6 +317,12 @@ def evaluation_tags(report: dict[str, Any], data: str | Path, run_id: str) -> di
         ACCURACY_TAG: repr(sav.accuracy),
         "eval.macro_f1": repr(sav.macro_f1),
         "eval.ece": repr(sav.ece),
+        **(
+            {"eval.ece_probabilities": repr(sav.ece_probabilities)}
+            if sav.ece_probabilities is not None
+            else {}
+        ),
+        **{f"eval.{k}": repr(v) for k, v in (binary or {}).items() if isinstance(v, float)},
         "eval.rows": str(sav.rows),
         "eval.data": str(Path(data).resolve()),
         DATA_TAG: file_sha256(data),

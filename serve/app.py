@@ -102,6 +102,8 @@ class Entry:
             labels=s and s.summary["labels"],
             k=s and s.summary["k"],
             deepest_layer=s and s.summary["deepest_layer"],
+            temperature=s and s.summary["temperature"],
+            threshold=s and s.summary["threshold"],
             error=self.error,
             updated_at=s and s.since,
         )
@@ -324,7 +326,7 @@ class Ingress:
                 model_id=s.resolved.model_id,
                 artifact_hash=replies[0][s.resolved.model_id]["artifact_hash"],
                 outputs=[
-                    {k: r[s.resolved.model_id][k] for k in ("label", "votes", "scores")}
+                    {k: v for k, v in r[s.resolved.model_id].items() if k != "artifact_hash"}
                     for r in replies
                 ],
             )

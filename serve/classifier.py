@@ -136,6 +136,8 @@ class Classifier:
             "labels": list(artifact.labels),
             "k": len(artifact.heads),
             "deepest_layer": artifact.deepest_layer,
+            "temperature": artifact.calibration and artifact.calibration.temperature,
+            "threshold": artifact.threshold and artifact.threshold.to_dict(),
             # the Ingress decodes and encodes inputs with the artifact's settings
             "video_frames": artifact.preprocessing.video_frames,
             "prompt": artifact.prompt.to_dict(),

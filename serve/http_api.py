@@ -302,8 +302,10 @@ def build_api(ingress: "Ingress") -> FastAPI:
     async def classify(request: Request) -> ClassifyResponse | MultiClassifyResponse:
         """Classify inputs (text and images) with one served model, or several at once.
 
-        Returns, per input in order, the predicted `label`, the heads' `votes` per label and
-        `scores` (votes / k), with the model's name, registry `version` and `artifact_hash`
+        Returns, per input in order, the predicted `label`, the heads' `votes` per label,
+        `scores` (votes / k), `probabilities` (summing to 1; null for a model fitted before
+        sav-ray had them) and `decision` (where the model has a threshold on one label's
+        probability: whether it is reached), with the model's name, registry `version` and `artifact_hash`
         (SHA-256 of its sav.json). Images are the image file's bytes in base64 (a
         `data:image/png;base64,...` URI works too); `<image>` in the text marks where images go,
         otherwise they come before the text.
@@ -315,7 +317,9 @@ def build_api(ingress: "Ingress") -> FastAPI:
             {"model": "shapes", "version": "3", "model_id": "models:/shapes/3",
              "artifact_hash": "9f2c...", "outputs": [{"label": "red_circle",
              "votes": {"red_circle": 17, "green_square": 2, "blue_triangle": 1},
-             "scores": {"red_circle": 0.85, "green_square": 0.1, "blue_triangle": 0.05}}]}
+             "scores": {"red_circle": 0.85, "green_square": 0.1, "blue_triangle": 0.05},
+             "probabilities": {"red_circle": 0.93, "green_square": 0.04, "blue_triangle": 0.03},
+             "decision": null}]}
 
         `"models": ["shapes", "safety"]` instead of `"model"`: ONE forward pass per input serves
         all of them (they share the base model); the answer is `{"results": [...]}`, one result

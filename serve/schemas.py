@@ -207,9 +207,23 @@ def classify_request_model(limits: RequestLimits) -> type[BaseModel]:
 
 
 class Output(BaseModel):
-    label: str = Field(description="the predicted label: most votes")
+    label: str = Field(
+        description="the predicted label: most votes (or the most probable label where the "
+        "model was fitted with --decision probability)"
+    )
     votes: dict[str, int] = Field(description="heads voting for each label; they sum to k")
     scores: dict[str, float] = Field(description="votes / k per label")
+    probabilities: dict[str, float] | None = Field(
+        None,
+        description="per label, summing to 1: softmax of the selected heads' mean cosine "
+        "similarity over the model's fitted temperature; null for a model fitted before "
+        "probabilities existed",
+    )
+    decision: bool | None = Field(
+        None,
+        description="where the model has a threshold: probabilities[positive_label] >= "
+        "threshold (GET /v1/models); else null",
+    )
 
 
 class ClassifyResponse(BaseModel):
@@ -236,6 +250,10 @@ class ModelInfo(BaseModel):
     labels: list[str] | None = None
     k: int | None = Field(None, description="selected heads")
     deepest_layer: int | None = Field(None, description="the forward pass stops after it")
+    temperature: float | None = Field(None, description="of the probabilities; null: none")
+    threshold: dict | None = Field(
+        None, description="positive_label, threshold and the target it was chosen for"
+    )
     error: str | None = Field(None, description="the last refresh's error, if any")
     updated_at: str | None = None
 

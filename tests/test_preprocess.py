@@ -199,7 +199,8 @@ def test_version_1_artifact_predicts_at_the_processors_default(
     lm, folder, artifact = demo_sav
     doc = json.loads((folder / "sav.json").read_text())
     doc["schema_version"] = 1
-    del doc["preprocessing"]
+    for key in ("preprocessing", "calibration", "decision"):  # what version 1 did not have
+        del doc[key]
     old = tmp_path / "v1"
     old.mkdir()
     for f in folder.iterdir():
@@ -207,7 +208,11 @@ def test_version_1_artifact_predicts_at_the_processors_default(
     (old / "sav.json").write_text(json.dumps(doc))
     v1 = load_artifact(old)
     assert v1.schema_version == 1 and v1.preprocessing == Preprocessing()
+    assert v1.calibration is None and v1.decision == "vote"
     examples, _ = manifest_examples(small_data["test"])
-    assert [p.to_dict() for p in predict_examples(lm, v1, examples[:4])] == [
-        p.to_dict() for p in predict_examples(lm, artifact, examples[:4])
-    ]
+    old_preds = [p.to_dict() for p in predict_examples(lm, v1, examples[:4])]
+    new_preds = [p.to_dict() for p in predict_examples(lm, artifact, examples[:4])]
+    assert all("probabilities" not in p for p in old_preds)  # vote shares only, as before
+    for old_p, new_p in zip(old_preds, new_preds, strict=True):
+        assert abs(sum(new_p.pop("probabilities").values()) - 1) < 1e-9
+        assert old_p == new_p

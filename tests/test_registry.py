@@ -131,6 +131,10 @@ def test_pyfunc_predictions_equal_predict_examples(
     assert list(out["label"]) == [p.label for p in expected]
     assert list(out["votes"]) == [p.votes for p in expected]
     assert list(out["scores"]) == [p.scores for p in expected]
+    for got, want in zip(out["probabilities"], expected, strict=True):
+        assert got.keys() == want.probabilities.keys()
+        assert all(abs(got[k] - want.probabilities[k]) <= 1e-6 for k in got)
+        assert abs(sum(got.values()) - 1) <= 1e-6
     text_only = model.predict(pd.DataFrame({"text": ["no image here"]}))
     assert text_only["label"][0] in artifact.labels
     with pytest.raises(Exception, match="input row 0: field 'image' is not base64"):

@@ -41,11 +41,15 @@ TIMEOUT = 90  # seconds per HTTP call: every call returns or the test fails, non
 # --- fixture: artifacts, registry, server -----------------------------------------------------
 
 
-def fit_artifact(lm, vectors, labels, layers, k, out, preprocessing=None):
+def fit_artifact(
+    lm, vectors, labels, layers, k, out, preprocessing=None, calibrated=True, positive=None
+):
     """A SAV artifact from captured vectors [n, layer, head, head_dim], heads only from `layers`
-    (so the artifacts differ in their deepest layer)."""
-    from sav_ray import reduce
-    from sav_ray.artifact import SavArtifact, Selection, write_artifact
+    (so the artifacts differ in their deepest layer); with the probabilities' temperature
+    (unless not `calibrated`) and, for a `positive` label, a threshold reaching precision 0.9
+    leave-one-out."""
+    from sav_ray import calibration, reduce
+    from sav_ray.artifact import Calibration, SavArtifact, Selection, write_artifact
     from sav_ray.prompts import PromptConfig
     from sav_ray.resolution import Preprocessing
 
@@ -57,10 +61,24 @@ def fit_artifact(lm, vectors, labels, layers, k, out, preprocessing=None):
     outside[list(layers)] = False
     scores[outside] = -1.0
     heads = reduce.select_heads(scores, k)  # [k, 2]
+    centroids = reduce.gather_heads(sums.centroids(), heads).astype(np.float32)
+    vectors_k = reduce.gather_heads(vectors, heads)
+    curve = calibration.loo_curve(vectors_k, y, centroids, sums.counts, [k])
+    temperature = curve.temperature(0)
+    threshold = None
+    if positive is not None:
+        p = calibration.loo_probabilities(vectors_k, y, centroids, sums.counts, temperature)
+        c = names.index(positive)
+        t, precision, recall = calibration.choose_threshold(p[:, c], y == c, "precision", 0.9)
+        threshold = calibration.Threshold(positive, t, "precision", 0.9, precision, recall)
     artifact = SavArtifact(
         labels=names,
         heads=heads,
-        centroids=reduce.gather_heads(sums.centroids(), heads).astype(np.float32),
+        centroids=centroids,
+        calibration=Calibration(temperature, float(curve.best_log_loss()[0][0]), 1.0)
+        if calibrated
+        else None,
+        threshold=threshold,
         base_model=lm.info,
         prompt=PromptConfig(),
         selection=Selection(
@@ -136,7 +154,7 @@ def server(
     circle = ["circle" if label == "red_circle" else "other" for label in labels]
     artifacts = {
         "shapes": fit_artifact(lm, vectors, labels, [1, 2], 8, tmp / "shapes"),
-        "circles": fit_artifact(lm, vectors, circle, [3], 6, tmp / "circles"),
+        "circles": fit_artifact(lm, vectors, circle, [3], 6, tmp / "circles", positive="circle"),
     }
     other_revision = dataclasses.replace(lm.info, revision="abc123")
     write_artifact(
@@ -173,8 +191,15 @@ def server(
         for p, t in zip(train["video"].to_pylist(), train["text"].to_pylist(), strict=True)
     ]
     vectors = capture_examples(lm, train_examples, PromptConfig(), preprocessing=prep)
-    moves = fit_artifact(
-        lm, vectors, train["label"].to_pylist(), [1, 2], 6, tmp / "moves", preprocessing=prep
+    moves = fit_artifact(  # as fitted before probabilities existed: votes only
+        lm,
+        vectors,
+        train["label"].to_pylist(),
+        [1, 2],
+        6,
+        tmp / "moves",
+        preprocessing=prep,
+        calibrated=False,
     )
     table = read_manifest(video_data["test"], no_image)
     columns = {k: object_column(v) for k, v in table.to_pydict().items()}
@@ -353,6 +378,24 @@ def test_raw_image_files_are_accepted_as_multipart_uploads(server):
     shapes, circles = r.json()["results"]
     assert_same(shapes["outputs"], [server.expected["shapes"][i] for i in (2, 1, 0)])
     assert_same(circles["outputs"], [server.expected["circles"][i] for i in (2, 1, 0)])
+
+
+def test_probabilities_sum_to_one_and_the_decision_follows_the_stored_threshold(server):
+    threshold = server.models()["circles"]["threshold"]
+    assert threshold["positive_label"] == "circle" and threshold["precision"] >= 0.9
+    r = server.classify("circles", range(12))
+    assert r.status_code == 200, r.text
+    for out, expected in zip(r.json()["outputs"], server.expected["circles"][:12], strict=True):
+        p = out["probabilities"]
+        assert abs(sum(p.values()) - 1.0) <= 1e-6
+        for label, value in expected["probabilities"].items():
+            assert abs(p[label] - value) <= 1e-6
+        assert out["decision"] == (p["circle"] >= threshold["threshold"])
+        assert out["decision"] == expected["decision"]
+    moves = server.post({"model": "moves", "inputs": [{"text": "?", "video": server.videos[0][1]}]})
+    assert moves.status_code == 200, moves.text
+    [out] = moves.json()["outputs"]  # an artifact without probabilities: votes only
+    assert out["probabilities"] is None and out["decision"] is None
 
 
 def test_layers_after_the_deepest_selected_one_never_run(server):
