@@ -14,8 +14,15 @@ The artifact holds only the k selected heads' centroids, so the all-heads centro
 recomputed from the training rows with the fit's own first pass (`all_heads_centroids`):
 one extra model pass over the training manifest, or none from a saved vectors dataset.
 
+The baselines are optional (`jobs/evaluate.py --baselines`): `all_heads` needs training
+vectors, `zero_shot` a generation per batch.
+
 Metrics (pure numpy): accuracy, macro-F1, per-class recall, the confusion matrix, and the
-expected calibration error of the vote shares (the top score as confidence, 10 equal bins).
+expected calibration error of the vote shares (the top score as confidence, 10 equal bins)
+and, for an artifact with probabilities, of the probabilities (the top probability). With a
+positive label (`binary_report`): ROC-AUC and PR-AUC of its probability, the threshold that
+reaches a target precision or recall on these rows, and what the artifact's stored threshold
+reaches on them.
 
     centroids = all_heads_centroids(artifact, model, train_table=train)    # [class, L, H, D]
     records = evaluate_table(test, model, artifact, centroids)             # one row per row
@@ -30,8 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from sav_ray import reduce
+from sav_ray import calibration, reduce
 from sav_ray.artifact import BaseModelInfo, SavArtifact
+from sav_ray.calibration import expected_calibration_error
 from sav_ray.config import ModelConfig
 from sav_ray.errors import report_init_errors
 from sav_ray.manifest import ManifestError
@@ -51,6 +59,7 @@ class Metrics:
     recall: dict[str, float]  # per class present in the data
     ece: float | None  # None for a method without scores (zero-shot)
     rows: int
+    ece_probabilities: float | None = None  # the SAV's probabilities, where it has them
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +69,7 @@ class Metrics:
             "macro_f1": self.macro_f1,
             "recall": self.recall,
             "ece": self.ece,
+            "ece_probabilities": self.ece_probabilities,
             "rows": self.rows,
         }
 
@@ -71,29 +81,6 @@ def confusion_matrix(true_idx: np.ndarray, pred_idx: np.ndarray, num_classes: in
     out = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(out, (true_idx[answered], pred_idx[answered]), 1)
     return out
-
-
-def expected_calibration_error(
-    confidence: np.ndarray, correct: np.ndarray, bins: int = 10
-) -> float:
-    """Sum over equal-width confidence bins of |accuracy - mean confidence| x share of rows.
-
-    Bins are (i/bins, (i+1)/bins], the first one also holding 0.
-    """
-    confidence = np.asarray(confidence, dtype=np.float64)  # [n]
-    correct = np.asarray(correct, dtype=np.float64)  # [n]
-    if confidence.shape != correct.shape or confidence.size == 0:
-        raise ValueError(f"need equal non-empty shapes, got {confidence.shape}, {correct.shape}")
-    if confidence.min() < 0 or confidence.max() > 1:
-        raise ValueError("confidences must be in [0, 1]")
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.searchsorted(edges[1:-1], confidence, side="left")  # [n] bin index
-    ece = 0.0
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(ece)
 
 
 def compute_metrics(
@@ -169,18 +156,20 @@ def generate_answers(lm: Any, inputs: dict[str, Any], max_new_tokens: int) -> li
 
 @report_init_errors
 class EvaluateRows:
-    """Ray Data actor: preprocessed rows -> the three methods' predictions for each row.
+    """Ray Data actor: preprocessed rows -> each method's predictions for each row.
 
-    One capture of every head (shared by `sav` and `all_heads`) and one generation per batch,
-    both from the same collated inputs (the artifact's prompt and resolution).
+    One capture (every head when the all-heads baseline runs, else only the selected heads'
+    layers) and, for the zero-shot baseline, one generation per batch, both from the same
+    collated inputs (the artifact's prompt and resolution).
     """
 
     def __init__(
         self,
         model: ModelConfig,
         artifact: SavArtifact,
-        centroids: np.ndarray,  # [class, layer, head, head_dim]
+        centroids: np.ndarray | None,  # [class, layer, head, head_dim]; None: no all-heads
         max_new_tokens: int,
+        zero_shot: bool = True,
     ) -> None:
         from sav_ray.models import load_actor_model
 
@@ -188,29 +177,44 @@ class EvaluateRows:
         self.artifact = artifact
         self.centroids = centroids
         self.max_new_tokens = max_new_tokens
+        self.zero_shot = zero_shot
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import json
+
         from sav_ray.capture import capture_rows
+        from sav_ray.classify import head_vectors, needed_layers, predictions
         from sav_ray.model_inputs import collate
 
         rows = rows_of(batch)
         art = self.artifact
-        vectors = capture_rows(self.lm, rows).vectors  # [batch, layer, head, head_dim]
-        sav = reduce.classify(reduce.gather_heads(vectors, art.heads), art.centroids)
-        every = all_heads_votes(vectors, self.centroids)
-        inputs = collate(rows, self.lm.processor.tokenizer.pad_token_id)
-        answers = generate_answers(self.lm, inputs, self.max_new_tokens)
-        return {
-            "row": batch["row"],
-            "id": batch["id"],
-            "true_label": batch["label"],
-            "sav": sav.label_idx,
-            "sav_confidence": sav.scores.max(axis=1),
-            "all_heads": every.label_idx,
-            "all_heads_confidence": every.scores.max(axis=1),
-            "zero_shot": np.array([match_label(a, art.labels) for a in answers], dtype=np.int64),
-            "zero_shot_answer": np.array(answers, dtype=object),
-        }
+        index = {label: i for i, label in enumerate(art.labels)}
+        out = {"row": batch["row"], "id": batch["id"], "true_label": batch["label"]}
+        if self.centroids is not None:
+            vectors = capture_rows(self.lm, rows).vectors  # [batch, layer, head, head_dim]
+            layers = list(range(vectors.shape[1]))
+            every = all_heads_votes(vectors, self.centroids)
+            out["all_heads"] = every.label_idx
+            out["all_heads_confidence"] = every.scores.max(axis=1)
+        else:
+            layers = needed_layers(art)
+            vectors = capture_rows(self.lm, rows, layers=layers, early_exit=True).vectors
+        preds = predictions(art, head_vectors(vectors, layers, art))
+        out["sav"] = np.array([index[p.label] for p in preds], dtype=np.int64)
+        out["sav_confidence"] = np.array([max(p.scores.values()) for p in preds])
+        if art.calibration is not None:
+            out["sav_probabilities"] = np.array(
+                [json.dumps([p.probabilities[lab] for lab in art.labels]) for p in preds],
+                dtype=object,
+            )
+        if self.zero_shot:
+            inputs = collate(rows, self.lm.processor.tokenizer.pad_token_id)
+            answers = generate_answers(self.lm, inputs, self.max_new_tokens)
+            out["zero_shot"] = np.array(
+                [match_label(a, art.labels) for a in answers], dtype=np.int64
+            )
+            out["zero_shot_answer"] = np.array(answers, dtype=object)
+        return out
 
 
 def check_labels(table: Any, labels: list[str], flag: str) -> None:
@@ -269,10 +273,12 @@ def evaluate_table(
     table: Any,
     model: ModelConfig,
     artifact: SavArtifact,
-    centroids: np.ndarray,
+    centroids: np.ndarray | None,
     max_new_tokens: int = 8,
+    zero_shot: bool = True,
 ) -> list[dict[str, Any]]:
-    """Every row's predictions by the three methods, in manifest order."""
+    """Every row's predictions by the SAV and the baselines asked for (all heads when given
+    their `centroids`, zero-shot when `zero_shot`), in manifest order."""
     from sav_ray.fitting import preprocessed_dataset
     from sav_ray.placement import actor_pool
 
@@ -283,6 +289,7 @@ def evaluate_table(
             "artifact": artifact,
             "centroids": centroids,
             "max_new_tokens": max_new_tokens,
+            "zero_shot": zero_shot,
         },
         batch_size=model.batch_size,
         **actor_pool(model),
@@ -296,13 +303,113 @@ def summarize(records: list[dict[str, Any]], labels: list[str]) -> dict[str, Met
     true_idx = np.array([index[str(r["true_label"])] for r in records], dtype=np.int64)  # [n]
     report = {}
     for method in METHODS:
+        if method not in records[0]:
+            continue  # a baseline that was not run
         pred = np.array([int(r[method]) for r in records], dtype=np.int64)  # [n]
         conf_key = f"{method}_confidence"
         confidence = (
             np.array([float(r[conf_key]) for r in records]) if conf_key in records[0] else None
         )
         report[method] = compute_metrics(labels, true_idx, pred, confidence)
+    probs = sav_probabilities(records)
+    if probs is not None:
+        report["sav"].ece_probabilities = expected_calibration_error(
+            probs.max(axis=1), probs.argmax(axis=1) == true_idx
+        )
     return report
+
+
+def sav_probabilities(records: list[dict[str, Any]]) -> np.ndarray | None:
+    """[n, class] the SAV's probabilities of `evaluate_table`'s records; None without them."""
+    import json
+
+    if "sav_probabilities" not in records[0]:
+        return None
+    return np.array([json.loads(r["sav_probabilities"]) for r in records], dtype=np.float64)
+
+
+def binary_report(
+    records: list[dict[str, Any]],
+    labels: list[str],
+    positive_label: str,
+    target: str | None = None,
+    value: float | None = None,
+    stored: calibration.Threshold | None = None,
+) -> dict[str, float]:
+    """One label against the rest, scored by its probability: ROC-AUC, PR-AUC (average
+    precision), the threshold reaching `target` (precision or recall) `value` on these rows,
+    and the precision and recall of the artifact's `stored` threshold on them."""
+    probs = sav_probabilities(records)
+    if probs is None:
+        raise ManifestError(
+            "--positive-label needs probabilities: this SAV was fitted before they existed; "
+            "re-fit it"
+        )
+    if positive_label not in labels:
+        raise ManifestError(f"--positive-label {positive_label!r}: not a label of the SAV {labels}")
+    c = labels.index(positive_label)
+    scores = probs[:, c]
+    positive = np.array([str(r["true_label"]) == positive_label for r in records])
+    out = {
+        "roc_auc": calibration.roc_auc(scores, positive),
+        "pr_auc": calibration.average_precision(scores, positive),
+        "positives": float(positive.sum()),
+    }
+    if target is not None:
+        try:
+            t, precision, recall = calibration.choose_threshold(scores, positive, target, value)
+            out |= {"threshold": t, "threshold_precision": precision, "threshold_recall": recall}
+        except ValueError as e:
+            out["threshold_note"] = str(e)  # type: ignore[assignment]
+    if stored is not None and stored.positive_label == positive_label:
+        called = scores >= stored.threshold
+        tp = float((called & positive).sum())
+        out |= {
+            "stored_threshold": stored.threshold,
+            "stored_precision": tp / max(float(called.sum()), 1.0),
+            "stored_recall": tp / max(float(positive.sum()), 1.0),
+        }
+    return out
+
+
+def reliability_figure(records: list[dict[str, Any]], labels: list[str], bins: int = 10) -> Any:
+    """Reliability diagram: accuracy against confidence in equal bins, for the vote shares and
+    (where the SAV has them) the probabilities; the diagonal is perfect calibration."""
+    from matplotlib.figure import Figure
+
+    index = {label: i for i, label in enumerate(labels)}
+    true_idx = np.array([index[str(r["true_label"])] for r in records])
+    curves = {
+        "vote share": (
+            np.array([float(r["sav_confidence"]) for r in records]),
+            np.array([int(r["sav"]) for r in records]) == true_idx,
+        )
+    }
+    probs = sav_probabilities(records)
+    if probs is not None:
+        curves["probability"] = (probs.max(axis=1), probs.argmax(axis=1) == true_idx)
+    fig = Figure(figsize=(6, 6))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
+    edges = np.linspace(0, 1, bins + 1)
+    for name, (confidence, correct) in curves.items():
+        which = np.searchsorted(edges[1:-1], confidence, side="left")
+        xs, ys = [], []
+        for b in range(bins):
+            inside = which == b
+            if inside.any():
+                xs.append(confidence[inside].mean())
+                ys.append(correct[inside].mean())
+        ece = expected_calibration_error(confidence, correct, bins)
+        ax.plot(xs, ys, "o-", label=f"{name} (ECE {ece:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top vote share or top probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("SAV reliability on the evaluation rows", fontsize="medium")
+    ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    return fig
 
 
 def format_table(report: dict[str, Metrics], k: int, num_heads: int) -> str:
@@ -312,11 +419,13 @@ def format_table(report: dict[str, Metrics], k: int, num_heads: int) -> str:
         "all_heads": f"all heads ({num_heads}) vote",
         "zero_shot": "zero-shot (generate, match label)",
     }
-    lines = [f"{'method':<36}{'accuracy':>10}{'macro-F1':>10}{'ECE':>8}"]
+    lines = [f"{'method':<36}{'accuracy':>10}{'macro-F1':>10}{'ECE':>8}{'ECE(p)':>8}"]
     for method, m in report.items():
         ece = "-" if m.ece is None else f"{m.ece:.3f}"
+        ece_p = "-" if m.ece_probabilities is None else f"{m.ece_probabilities:.3f}"
         lines.append(
             f"{names.get(method, method):<36}{m.accuracy:>10.3f}{m.macro_f1:>10.3f}{ece:>8}"
+            f"{ece_p:>8}"
         )
     return "\n".join(lines)
 

@@ -183,3 +183,34 @@ def test_all_heads_centroids_from_saved_vectors_need_no_model(
     y = np.array([artifact.labels.index(label) for label in labels])
     expected = reduce.ClassSums.from_batch(artifact.labels, vectors, y).centroids()
     np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)  # [class, layer, head, head_dim]
+
+
+@pytest.mark.slow
+def test_evaluate_runs_on_a_registered_version_with_no_other_flag(local_ray, evaluated, capsys):
+    """No training data: the all-heads baseline is skipped with a note (the fit saved no
+    vectors); the probabilities' ECE is reported beside the vote shares' (which is lower is
+    checked on the full demo data in test_fit_job.py: these 9 rows are all right, so both
+    ECEs are within a few hundredths of 0); ROC-AUC and PR-AUC of a positive label; metrics
+    logged, the version tagged."""
+    name, mv, experiment, argv = evaluated
+    data = argv[argv.index("--data") + 1]
+    argv = ["--model", f"models:/{name}@candidate", "--data", data, "--experiment", experiment,
+            "--baselines", "all", "--positive-label", "red_circle", "--target-precision", "0.9",
+            "--max-new-tokens", "2"]  # fmt: skip
+    assert evaluate_job.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "note: the all-heads baseline is skipped: its fit saved no vectors" in printed
+    assert "ECE(p)" in printed and "zero-shot" in printed and "ROC-AUC" in printed
+    tags = registry.client().get_model_version(name, mv.version).tags
+    assert 0 <= float(tags["eval.ece_probabilities"]) <= 1 and 0 <= float(tags["eval.ece"]) <= 1
+    assert 0.5 <= float(tags["eval.roc_auc"]) <= 1.0 and "eval.pr_auc" in tags
+    c = registry.client()
+    runs = c.search_runs(
+        [c.get_experiment_by_name(experiment).experiment_id],
+        f"tags.`sav.job` = 'evaluate' and attributes.run_id = '{tags['eval.run_id']}'",
+    )
+    [run] = runs
+    assert {"sav/ece_probabilities", "sav/roc_auc", "sav/pr_auc"} <= set(run.data.metrics)
+    assert "all_heads/accuracy" not in run.data.metrics
+    files = {f.path for f in c.list_artifacts(run.info.run_id)}
+    assert "reliability.png" in files
