@@ -200,6 +200,17 @@ class Threshold:
         return cls(**d)
 
 
+def _operating_points(
+    scores: np.ndarray, positive: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each distinct score t, highest first: (t, rows with score >= t, positives among
+    them), [m] each; calling `scores >= t` positive gives precision tp / called."""
+    thresholds, which = np.unique(scores, return_inverse=True)  # ascending
+    rows = np.bincount(which, minlength=len(thresholds))
+    hits = np.bincount(which[positive], minlength=len(thresholds))
+    return thresholds[::-1], np.cumsum(rows[::-1]), np.cumsum(hits[::-1])
+
+
 def choose_threshold(
     scores: np.ndarray, positive: np.ndarray, target: str, value: float
 ) -> tuple[float, float, float]:
@@ -210,31 +221,22 @@ def choose_threshold(
     scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
     if not positive.any():
         raise ReduceError("no positive examples: a threshold cannot be chosen")
-    candidates = np.unique(scores)[::-1]  # descending
-    best = None
-    for t in candidates:
-        called = scores >= t
-        tp = int((called & positive).sum())
-        precision = tp / max(int(called.sum()), 1)
-        recall = tp / int(positive.sum())
-        if target == "precision" and precision >= value:
-            best = (float(t), precision, recall)  # keep lowering while the target holds
-        elif target == "recall" and recall >= value:
-            return float(t), precision, recall
-    if best is None:
+    thresholds, called, tp = _operating_points(scores, positive)  # highest threshold first
+    precision, recall = tp / called, tp / int(positive.sum())
+    reached = np.flatnonzero((precision if target == "precision" else recall) >= value)
+    if not len(reached):
         raise ReduceError(
             f"no threshold reaches {target} {value:g} on these scores; lower the target"
         )
-    return best
+    i = reached[-1] if target == "precision" else reached[0]
+    return float(thresholds[i]), float(precision[i]), float(recall[i])
 
 
-def expected_calibration_error(
+def reliability_bins(
     confidence: np.ndarray, correct: np.ndarray, bins: int = 10
-) -> float:
-    """Sum over equal-width confidence bins of |accuracy - mean confidence| x share of rows.
-
-    Bins are (i/bins, (i+1)/bins], the first one also holding 0.
-    """
+) -> list[tuple[float, float, float]]:
+    """(share of rows, mean confidence, accuracy) of each non-empty equal-width confidence bin,
+    in order. Bins are (i/bins, (i+1)/bins], the first one also holding 0."""
     confidence = np.asarray(confidence, dtype=np.float64)  # [n]
     correct = np.asarray(correct, dtype=np.float64)  # [n]
     if confidence.shape != correct.shape or confidence.size == 0:
@@ -243,11 +245,22 @@ def expected_calibration_error(
         raise ValueError("confidences must be in [0, 1]")
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.searchsorted(edges[1:-1], confidence, side="left")  # [n] bin index
-    ece = 0.0
+    out = []
     for b in range(bins):
         in_bin = which == b
         if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+            out.append((float(in_bin.mean()), confidence[in_bin].mean(), correct[in_bin].mean()))
+    return out
+
+
+def expected_calibration_error(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = 10
+) -> float:
+    """Sum over equal-width confidence bins of |accuracy - mean confidence| x share of rows
+    (`reliability_bins`)."""
+    ece = 0.0
+    for share, mean_confidence, accuracy in reliability_bins(confidence, correct, bins):
+        ece += share * abs(accuracy - mean_confidence)
     return float(ece)
 
 
@@ -278,8 +291,6 @@ def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
     scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
     if not positive.any():
         return float("nan")
-    precisions = []
-    for s in scores[positive]:
-        called = scores >= s
-        precisions.append((called & positive).sum() / called.sum())
-    return float(np.mean(precisions))
+    _, called, tp = _operating_points(scores, positive)
+    hits = np.diff(tp, prepend=0)  # positives scoring exactly each threshold
+    return float((hits * tp / called).sum() / positive.sum())

@@ -391,15 +391,9 @@ def reliability_figure(records: list[dict[str, Any]], labels: list[str], bins: i
     fig = Figure(figsize=(6, 6))
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
-    edges = np.linspace(0, 1, bins + 1)
     for name, (confidence, correct) in curves.items():
-        which = np.searchsorted(edges[1:-1], confidence, side="left")
-        xs, ys = [], []
-        for b in range(bins):
-            inside = which == b
-            if inside.any():
-                xs.append(confidence[inside].mean())
-                ys.append(correct[inside].mean())
+        points = calibration.reliability_bins(confidence, correct, bins)
+        xs, ys = [x for _, x, _ in points], [y for _, _, y in points]
         ece = expected_calibration_error(confidence, correct, bins)
         ax.plot(xs, ys, "o-", label=f"{name} (ECE {ece:.3f})")
     ax.set_xlim(0, 1)
