@@ -54,7 +54,9 @@ class ImageLimits:
 def load_image(path: str | Path, limits: ImageLimits = ImageLimits()) -> Image.Image:
     """Read an image file into a fully loaded RGB image (see `decode_image`)."""
     what = f"image file {path}"
-    data = read_local_file(path, what, lambda size: _check_bytes(size, limits, what), ImageError)
+    data = read_local_file(
+        path, what, lambda size: check_image_bytes(size, limits, what), ImageError
+    )
     return decode_image(data, limits, what=what)
 
 
@@ -111,7 +113,7 @@ def _open_checked(data: bytes, limits: ImageLimits, what: str) -> Image.Image:
     limits."""
     if not data:
         raise ImageError(f"{what}: empty (0 bytes); send the encoded image file")
-    _check_bytes(len(data), limits, what)
+    check_image_bytes(len(data), limits, what)
     try:
         img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as e:
@@ -134,7 +136,8 @@ def _open_checked(data: bytes, limits: ImageLimits, what: str) -> Image.Image:
     return img
 
 
-def _check_bytes(size: int, limits: ImageLimits, what: str) -> None:
+def check_image_bytes(size: int, limits: ImageLimits, what: str) -> None:
+    """ImageTooLarge naming `what` when an encoded image of `size` bytes is over the limit."""
     if size > limits.max_bytes:
         raise ImageTooLarge(
             f"{what}: {size} bytes, over the limit of {limits.max_bytes} bytes per image; "

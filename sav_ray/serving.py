@@ -39,7 +39,14 @@ import torch
 from sav_ray.artifact import ARTIFACT_FILE, SavArtifact
 from sav_ray.classify import Prediction, input_key, input_key_of, predict_shared
 from sav_ray.fetch import FetchError, FetchTooLarge, UrlPrefix, UrlRefused, allowed_url, download
-from sav_ray.images import ImageError, ImageLimits, ImageTooLarge, decode_image, image_pixels
+from sav_ray.images import (
+    ImageError,
+    ImageLimits,
+    ImageTooLarge,
+    check_image_bytes,
+    decode_image,
+    image_pixels,
+)
 from sav_ray.model_inputs import encode_row
 from sav_ray.models import LoadedModel, decoder_layers
 from sav_ray.prompts import Example, PromptConfig, PromptError
@@ -207,8 +214,7 @@ def image_bytes(
 ) -> bytes:
     """The encoded image behind one image source: the file's bytes themselves (an upload), or a
     string: base64, data: URI, file:// path or URL."""
-    if isinstance(source, bytes):
-        _check_size(len(source), limits, what)
+    if isinstance(source, bytes):  # its size is checked with its header (`image_pixels`)
         return source
     if is_fetched(source):
         refuse_control_characters(source, what)
@@ -305,12 +311,9 @@ def _read_file(uri: str, sources: ImageSources, limits: RequestLimits, what: str
 
 
 def _check_size(size: int, limits: RequestLimits, what: str) -> None:
-    if size > limits.max_image_bytes:
-        raise RequestError(
-            413,
-            f"{what}: {size} bytes, over the limit of {limits.max_image_bytes} bytes per "
-            "image; compress or resize the image",
-        )
+    """413 naming `what` for a file over `max_image_bytes`, before it is read."""
+    with _as_request_error(ImageTooLarge, ImageError):
+        check_image_bytes(size, limits.image, what)
 
 
 def to_examples(
