@@ -161,19 +161,22 @@ async def _read_upload(
     )
     uploads: dict[str, bytes] = {}
     fields: dict[str, list[str]] = {}
+    repeated: list[str] = []  # file part names sent more than once
     try:
         for name, value in form.multi_items():
             if isinstance(value, UploadFile):
                 key = name if name not in uploads else f"{name}#{len(uploads)}"
-                if key != name and "request" in fields:
-                    raise HTTPException(
-                        400, f"file part {name!r} is sent twice; give each file part its own name"
-                    )
+                if key != name:
+                    repeated.append(name)
                 uploads[key] = await value.read()
             else:
                 fields.setdefault(name, []).append(value)
     finally:
         await form.close()
+    if "request" in fields and repeated:  # `part:NAME` must name one file, whatever the order
+        raise HTTPException(
+            400, f"file part {repeated[0]!r} is sent twice; give each file part its own name"
+        )
     if "request" in fields:
         if len(fields) > 1 or len(fields["request"]) > 1:
             raise HTTPException(

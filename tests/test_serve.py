@@ -525,6 +525,18 @@ def bad_requests(server):
             "inputs[0].images[0]: names the upload 'cat'",
         ),
         (
+            "a file part name twice, the request part last",
+            {
+                "files": [
+                    ("cat", ("a.png", b"x")),
+                    ("cat", ("b.png", b"y")),
+                    ("request", (None, json.dumps(one(["part:cat"])))),
+                ]
+            },
+            400,
+            "file part 'cat' is sent twice",
+        ),
+        (
             "an unknown multipart field",
             {"files": {"model": (None, "shapes"), "colour": (None, "red")}},
             400,
