@@ -29,6 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cached_property
 from typing import Any
 
 from fastapi import FastAPI, HTTPException
@@ -79,6 +80,14 @@ class Served:
     resolved: Resolved
     summary: dict[str, Any]  # Classifier.load's description
     since: str
+
+    @cached_property
+    def variant(self) -> tuple[PromptConfig, Preprocessing]:
+        """The prompt and preprocessing its inputs are encoded with, parsed once."""
+        return (
+            PromptConfig.from_dict(self.summary["prompt"]),
+            Preprocessing.from_dict(self.summary["preprocessing"]),
+        )
 
 
 @dataclass
@@ -285,18 +294,10 @@ class Ingress:
                 f"models: {names} sample videos into different numbers of frames "
                 f"({sorted(frames)}); send a video to them in separate requests",
             )
-        images = [
-            _with_uploads(item.images, uploads or {}, i) for i, item in enumerate(body.inputs)
-        ]
+        images = [_with_uploads(item.images, uploads, i) for i, item in enumerate(body.inputs)]
         fetches = any(is_fetched(source) for sources in images for source in sources)
         pool = self.fetch_pool if fetches else self.decode_pool
-        variants = [
-            (
-                PromptConfig.from_dict(s.summary["prompt"]),
-                Preprocessing.from_dict(s.summary["preprocessing"]),
-            )
-            for s in served
-        ]
+        variants = [s.variant for s in served]
         try:
             with self.pixels.lease() as lease:
                 rows = await pool.run(

@@ -91,6 +91,7 @@ class Classifier:
         self.placement["device"] = str(self.lm.input_device)
         self.layers = LayerCounter(self.lm.model)
         self.batch_stats = BatchStats()
+        self.in_flight = 0  # classify calls in this replica now (waiting or running)
         # Capture hooks are put on the shared model per pass: one forward pass at a time.
         self._model_lock = asyncio.Lock()
 
@@ -151,9 +152,11 @@ class Classifier:
         more model ids -> {"results": {model_id: {label, votes, scores, artifact_hash}}} or
         {status, error}. `where` names the input in errors."""
         started = time.perf_counter()
+        self.in_flight += 1
         try:
             return await self._classify(model_ids, rows, where)
         finally:
+            self.in_flight -= 1
             seconds = self.batch_stats.seconds
             seconds["calls"] = seconds.get("calls", 0.0) + time.perf_counter() - started
 
@@ -205,6 +208,7 @@ class Classifier:
             "layers_run": list(self.layers.counts),
             "forward_passes": self.layers.counts[0] if self.layers.counts else 0,
             "rows_run": self.layers.rows,
+            "in_flight": self.in_flight,
             "peak_rss_mb": peak_rss_mb(),
             **self.batch_stats.to_dict(),
         }

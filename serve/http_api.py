@@ -375,9 +375,9 @@ def build_api(ingress: "Ingress") -> FastAPI:
         (inputs in a batch -> batches), `max_batch_size`, `inputs_per_model` (pinned model id ->
         inputs), `models_per_batch` (distinct model ids in a batch -> batches: a batch serves
         every artifact of the base model), `forward_passes` (calls of the model),
-        `forward_rows` and `rows_run` (rows those passes ran: one per input and distinct prompt,
-        however many models the input named), `seconds` (in calls, the forward pass and voting)
-        and `layers_run`, how many times each decoder layer ran: the layers after the deepest
+        `in_flight` (calls inside the replica now), `forward_rows` and `rows_run` (rows those
+        passes ran: one per input and distinct prompt, however many models the input named),
+        `seconds` (in calls, the forward pass and voting) and `layers_run`, how many times each decoder layer ran: the layers after the deepest
         selected one stay at 0. `ingress`: `classifier_retries`, calls retried because a
         classifier replica failed, and `seconds` spent decoding inputs, in the processor,
         awaiting the classifier and in request handlers.

@@ -837,7 +837,6 @@ def test_a_killed_classifier_replica_is_replaced_and_every_request_gets_an_answe
         if "Classifier" in a["name"] and "REPLICA" in a["name"]
     ]
     rng = np.random.default_rng(1)
-    # 4 inputs per request: the replica is always busy with a batch when it is killed
     jobs = [
         (str(rng.choice(["shapes", "circles"])), [int(i) for i in rng.integers(30, size=4)])
         for _ in range(120)
@@ -850,7 +849,11 @@ def test_a_killed_classifier_replica_is_replaced_and_every_request_gets_an_answe
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         futures = [pool.submit(call, job) for job in jobs]
-        time.sleep(1.0)
+        deadline = time.monotonic() + 30
+        # killed while calls are inside it: the Ingress decodes and encodes inputs, so under
+        # load the replica is not always busy, and a kill between batches strands nothing
+        while server.get("/v1/stats").json()["classifier"]["in_flight"] < 4:
+            assert time.monotonic() < deadline, "the classifier never had 4 calls in flight"
         killed = time.monotonic()
         ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
         results = [f.result(timeout=2 * TIMEOUT) for f in futures]
