@@ -2,7 +2,7 @@
 
 Builds a mid-size random Qwen2-VL locally (8 layers, hidden 1024, 16 heads), or with
 `--model-config NAME --layers N` a random model at a real checkpoint's geometry
-(`sav_ray.geometries`), generates its images, and measures, in the same run:
+(`sav_ray.fixtures.geometries`), generates its images, and measures, in the same run:
   1. capture overhead: a batched forward with hooks on every layer / without hooks
   2. forward passes per training example in a real fit on Ray (the reference makes 3)
   3. examples/s at the chosen batch size / at batch size 1
@@ -14,7 +14,7 @@ Builds a mid-size random Qwen2-VL locally (8 layers, hidden 1024, 16 heads), or 
      the HTTP + voting overhead over the bare forward pass
 A timed row's headline is the median of back-to-back pair ratios, with their interquartile
 range as its spread; its verdict is pass or miss only when the whole spread is on one side of
-the target, "unclear" otherwise (see `sav_ray/bench.py`). Writes the JSON report to --out and a
+the target, "unclear" otherwise (see `sav_ray/bench/rows.py`). Writes the JSON report to --out and a
 Markdown table beside it (same name, .md), prints both, and logs them to an MLflow run in the
 experiment `sav-ray-benchmark`.
 
@@ -44,15 +44,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from sav_ray import bench, bench_preprocess, bench_serving, geometries, tracking  # noqa: E402
-from sav_ray.artifact import write_artifact  # noqa: E402
-from sav_ray.config import FitConfig, ModelConfig  # noqa: E402
-from sav_ray.demo_data import make_dataset  # noqa: E402
-from sav_ray.errors import ConfigError, job_main  # noqa: E402
-from sav_ray.fitting import fit, init_ray  # noqa: E402
-from sav_ray.models import default_device, load_model  # noqa: E402
-from sav_ray.prompts import PromptConfig  # noqa: E402
-from sav_ray.tiny import build_tiny_model  # noqa: E402
+from sav_ray.bench import preprocess as bench_preprocess
+from sav_ray.bench import rows as bench  # noqa: E402
+from sav_ray.bench import serving as bench_serving
+from sav_ray.core.artifact import write_artifact  # noqa: E402
+from sav_ray.core.errors import ConfigError, job_main  # noqa: E402
+from sav_ray.core.models import default_device, load_model  # noqa: E402
+from sav_ray.core.prompts import PromptConfig  # noqa: E402
+from sav_ray.fixtures import geometries  # noqa: E402
+from sav_ray.fixtures.demo_data import make_dataset  # noqa: E402
+from sav_ray.fixtures.tiny import build_tiny_model  # noqa: E402
+from sav_ray.pipelines.config import FitConfig, ModelConfig  # noqa: E402
+from sav_ray.pipelines.fitting import fit, init_ray  # noqa: E402
+from sav_ray.tracking import runs as tracking  # noqa: E402
 
 EXPERIMENT = "sav-ray-benchmark"
 

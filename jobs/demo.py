@@ -21,9 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sav_ray.demo_data import make_dataset  # noqa: E402
-from sav_ray.tiny import build_demo_model  # noqa: E402
-from sav_ray.tracking import tracking_uri  # noqa: E402
+from sav_ray.fixtures.demo_data import make_dataset  # noqa: E402
+from sav_ray.fixtures.tiny import build_demo_model  # noqa: E402
+from sav_ray.tracking.runs import tracking_uri  # noqa: E402
 
 DEMO = ROOT / "data" / "demo"
 

@@ -7,7 +7,7 @@ folder. On the same rows it measures the SAV and the baselines of `--baselines` 
 every head voting (class centroids of all heads from `--train`, one model pass, from
 `--train-vectors`, a folder of fit.py --save-vectors, or else from the vectors the fit's run
 recorded; skipped with a note when there are none) and the base model's zero-shot answer
-(sav_ray/evaluation.py). The run logs accuracy, macro-F1, per-class recall, the ECE of the vote
+(sav_ray/pipelines/evaluation.py). The run logs accuracy, macro-F1, per-class recall, the ECE of the vote
 shares and of the probabilities, confusion matrices and a reliability diagram, linked to the
 logged model; with `--positive-label` also ROC-AUC, PR-AUC and the threshold reaching
 `--target-precision` or `--target-recall` on these rows. A registered version gets `eval.*`
@@ -23,13 +23,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
-from sav_ray import registry  # noqa: E402
-from sav_ray.config import ModelConfig, add_runtime_args, add_video_field_arg  # noqa: E402
-from sav_ray.errors import (
+from sav_ray.core.errors import (
     ConfigError,  # noqa: E402
     job_main,  # noqa: E402
 )
-from sav_ray.evaluation import (  # noqa: E402
+from sav_ray.core.manifest import (  # noqa: E402
+    ManifestFields,
+    check_image_files,
+    read_manifest,
+    refuse_images,
+)
+from sav_ray.pipelines.config import ModelConfig, add_runtime_args, add_video_field_arg  # noqa: E402
+from sav_ray.pipelines.evaluation import (  # noqa: E402
     all_heads_centroids,
     binary_report,
     check_labels,
@@ -38,15 +43,10 @@ from sav_ray.evaluation import (  # noqa: E402
     reliability_figure,
     summarize,
 )
-from sav_ray.fitting import init_ray  # noqa: E402
-from sav_ray.manifest import (  # noqa: E402
-    ManifestFields,
-    check_image_files,
-    read_manifest,
-    refuse_images,
-)
-from sav_ray.preflight import check_model  # noqa: E402
-from sav_ray.tracking import log_evaluation, run, use_store  # noqa: E402
+from sav_ray.pipelines.fitting import init_ray  # noqa: E402
+from sav_ray.pipelines.preflight import check_model  # noqa: E402
+from sav_ray.tracking import registry  # noqa: E402
+from sav_ray.tracking.runs import log_evaluation, run, use_store  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -15,7 +15,7 @@ k from the data, and a threshold for a binary task (both leave-one-out on the tr
     python jobs/fit.py ... --num-heads auto --positive-label unsafe --target-precision 0.95
 
 Every fit is an MLflow run (params, metrics, the artifact, a head heat map) in the store of
---tracking-uri, MLFLOW_TRACKING_URI or data/mlflow/ (sav_ray/tracking.py); a failed fit's run
+--tracking-uri, MLFLOW_TRACKING_URI or data/mlflow/ (sav_ray/tracking/runs.py); a failed fit's run
 ends FAILED. `--register NAME` also makes the artifact a model version with alias `candidate`.
 """
 
@@ -26,15 +26,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
-from sav_ray.artifact import write_artifact  # noqa: E402
-from sav_ray.config import FitConfig  # noqa: E402
-from sav_ray.errors import ConfigError, job_main  # noqa: E402
-from sav_ray.fitting import check_positive_label, fit, init_ray  # noqa: E402
-from sav_ray.manifest import check_image_files, read_manifest, validate_for_fit  # noqa: E402
-from sav_ray.placement import format_placements, place  # noqa: E402
-from sav_ray.preflight import check_model  # noqa: E402
-from sav_ray.registry import check_model_name, register_artifact  # noqa: E402
-from sav_ray.tracking import check_job_outputs, fit_run, log_fit  # noqa: E402
+from sav_ray.core.artifact import write_artifact  # noqa: E402
+from sav_ray.core.errors import ConfigError, job_main  # noqa: E402
+from sav_ray.core.manifest import check_image_files, read_manifest, validate_for_fit  # noqa: E402
+from sav_ray.pipelines.config import FitConfig  # noqa: E402
+from sav_ray.pipelines.fitting import check_positive_label, fit, init_ray  # noqa: E402
+from sav_ray.pipelines.placement import format_placements, place  # noqa: E402
+from sav_ray.pipelines.preflight import check_model  # noqa: E402
+from sav_ray.tracking.registry import check_model_name, register_artifact  # noqa: E402
+from sav_ray.tracking.runs import check_job_outputs, fit_run, log_fit  # noqa: E402
 
 
 @job_main

@@ -23,21 +23,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
-from sav_ray.artifact import ArtifactError  # noqa: E402
-from sav_ray.classify import input_variants  # noqa: E402
-from sav_ray.config import ModelConfig, add_model_args, add_video_field_arg  # noqa: E402
-from sav_ray.errors import ConfigError, job_main  # noqa: E402
-from sav_ray.fitting import init_ray  # noqa: E402
-from sav_ray.manifest import ManifestFields, check_image_files, read_manifest  # noqa: E402
-from sav_ray.predicting import (  # noqa: E402
+from sav_ray.core.artifact import ArtifactError  # noqa: E402
+from sav_ray.core.classify import input_variants  # noqa: E402
+from sav_ray.core.errors import ConfigError, job_main  # noqa: E402
+from sav_ray.core.manifest import ManifestFields, check_image_files, read_manifest  # noqa: E402
+from sav_ray.pipelines.config import ModelConfig, add_model_args, add_video_field_arg  # noqa: E402
+from sav_ray.pipelines.fitting import init_ray  # noqa: E402
+from sav_ray.pipelines.predicting import (  # noqa: E402
     accuracy,
     predict_many,
     predict_table,
     write_predictions,
 )
-from sav_ray.preflight import check_model  # noqa: E402
-from sav_ray.registry import is_registry_ref, load_artifact_ref, parse_ref  # noqa: E402
-from sav_ray.tracking import check_job_path  # noqa: E402
+from sav_ray.pipelines.preflight import check_model  # noqa: E402
+from sav_ray.tracking.registry import is_registry_ref, load_artifact_ref, parse_ref  # noqa: E402
+from sav_ray.tracking.runs import check_job_path  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
-from sav_ray.errors import job_main  # noqa: E402
-from sav_ray.registry import CANDIDATE, PromotionRefused, promote, rollback  # noqa: E402
-from sav_ray.tracking import use_store  # noqa: E402
+from sav_ray.core.errors import job_main  # noqa: E402
+from sav_ray.tracking.registry import CANDIDATE, PromotionRefused, promote, rollback  # noqa: E402
+from sav_ray.tracking.runs import use_store  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -36,14 +36,13 @@ from fastapi import FastAPI, HTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from sav_ray.admission import BoundedPool, Busy, PixelBudget, peak_rss_mb
-from sav_ray.artifact import BaseModelInfo
-from sav_ray.placement import AUTO, cluster_nodes, resolve
-from sav_ray.preprocess import model_processor
-from sav_ray.prompts import PromptConfig
-from sav_ray.registry import model_version
-from sav_ray.resolution import Preprocessing
-from sav_ray.serving import (
+from sav_ray.core.artifact import BaseModelInfo
+from sav_ray.core.prompts import PromptConfig
+from sav_ray.core.resolution import Preprocessing
+from sav_ray.pipelines.placement import AUTO, cluster_nodes, resolve
+from sav_ray.pipelines.preprocess import model_processor
+from sav_ray.serving.admission import BoundedPool, Busy, PixelBudget, peak_rss_mb
+from sav_ray.serving.requests import (
     UPLOAD_PREFIX,
     Resolved,
     Rows,
@@ -53,6 +52,7 @@ from sav_ray.serving import (
     resolve_ref,
     to_examples,
 )
+from sav_ray.tracking.registry import model_version
 from serve.classifier import (
     RETRIES,
     RETRYABLE,

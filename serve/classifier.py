@@ -19,21 +19,21 @@ import ray
 import torch
 from ray import serve
 
-from sav_ray.admission import peak_rss_mb
-from sav_ray.artifact import ArtifactError, SavArtifact
-from sav_ray.classify import input_key
-from sav_ray.models import load_model
-from sav_ray.placement import actor_placement
-from sav_ray.registry import is_registry_ref, load_artifact_ref
-from sav_ray.serving import (
+from sav_ray.core.artifact import ArtifactError, SavArtifact
+from sav_ray.core.capture import LayerCounter
+from sav_ray.core.classify import input_key
+from sav_ray.core.models import load_model
+from sav_ray.pipelines.placement import actor_placement
+from sav_ray.serving.admission import peak_rss_mb
+from sav_ray.serving.requests import (
     BatchStats,
-    LayerCounter,
     RequestError,
     Rows,
     classify_shared,
     split_model_id,
 )
-from sav_ray.tracking import use_store
+from sav_ray.tracking.registry import is_registry_ref, load_artifact_ref
+from sav_ray.tracking.runs import use_store
 from serve.schemas import (
     AppConfig,
 )

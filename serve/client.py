@@ -68,7 +68,7 @@ def classify_manifest(
 ) -> list[dict[str, Any]]:
     """Classify every row of a manifest over HTTP; one record per row, in manifest order, with
     `label` (predicted), `votes`, `scores`, `true_label` (None without labels) and `version`."""
-    from sav_ray.manifest import ManifestFields, read_manifest
+    from sav_ray.core.manifest import ManifestFields, read_manifest
 
     fields = ManifestFields.from_flags(image_field, text_field, label_field, None)
     rows = read_manifest(manifest, fields, require_label=False).to_pylist()

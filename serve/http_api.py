@@ -15,7 +15,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from sav_ray import __version__
-from sav_ray.serving import (
+from sav_ray.serving.requests import (
     UPLOAD_PREFIX,
     RequestError,
     RequestLimits,

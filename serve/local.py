@@ -11,7 +11,7 @@ import argparse
 import socket
 import sys
 
-from sav_ray.errors import job_main
+from sav_ray.core.errors import job_main
 
 
 def free_port() -> int:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None) -> int:
 
     from ray import serve
 
-    from sav_ray.fitting import init_ray
+    from sav_ray.pipelines.fitting import init_ray
     from serve.app import application
     from serve.client import accuracy, classify_manifest, wait_ready
     from serve.schemas import AppConfig

@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from sav_ray.serving import ImageSources, RequestLimits
+from sav_ray.serving.requests import ImageSources, RequestLimits
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 

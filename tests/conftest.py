@@ -18,7 +18,7 @@ HEAD_DIM = {"llava": 32, "gemma3": 32}
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """arch -> folder of a saved tiny model (built once per session)."""
-    from sav_ray.tiny import build_tiny_model
+    from sav_ray.fixtures.tiny import build_tiny_model
 
     built: dict[str, object] = {}
 
@@ -34,7 +34,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
     """arch -> LoadedModel of a tiny model, loaded through the real loader (cached)."""
-    from sav_ray.models import load_model
+    from sav_ray.core.models import load_model
 
     loaded: dict[str, object] = {}
 
@@ -48,8 +48,8 @@ def tiny_model(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory):
-    """The demo model (sav_ray.tiny.DEMO_MODEL): 48 heads."""
-    from sav_ray.tiny import build_demo_model
+    """The demo model (sav_ray.fixtures.tiny.DEMO_MODEL): 48 heads."""
+    from sav_ray.fixtures.tiny import build_demo_model
 
     return build_demo_model(tmp_path_factory.mktemp("demo_model"))
 
@@ -57,7 +57,7 @@ def demo_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """{"train": manifest, "test": manifest}: 3 classes, 20 train and 10 test images each."""
-    from sav_ray.demo_data import make_dataset
+    from sav_ray.fixtures.demo_data import make_dataset
 
     return make_dataset(tmp_path_factory.mktemp("demo_data"))
 
@@ -89,7 +89,7 @@ def mlflow_store(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory):
     """{"train": manifest, "test": manifest}: demo images, 3 classes, 6 train and 3 test each."""
-    from sav_ray.demo_data import make_dataset
+    from sav_ray.fixtures.demo_data import make_dataset
 
     return make_dataset(tmp_path_factory.mktemp("small_data"), train_per_class=6, test_per_class=3)
 
@@ -98,16 +98,16 @@ def small_data(tmp_path_factory):
 def video_data(tmp_path_factory):
     """{"train": manifest, "test": manifest}: moving-square GIFs (6 frames, 32 px), 2 classes,
     4 train and 2 test each; rows hold `video`, `question`, `label` and no image field."""
-    from sav_ray.demo_data import make_video_dataset
+    from sav_ray.fixtures.demo_data import make_video_dataset
 
     return make_video_dataset(tmp_path_factory.mktemp("video_data"))
 
 
 def _manifest_examples(path):
     """(examples, labels) of a manifest, images loaded: the in-process view of its rows."""
-    from sav_ray.images import load_image
-    from sav_ray.manifest import read_manifest
-    from sav_ray.prompts import Example
+    from sav_ray.core.images import load_image
+    from sav_ray.core.manifest import read_manifest
+    from sav_ray.core.prompts import Example
 
     table = read_manifest(path)
     examples = [
@@ -133,9 +133,9 @@ def _fit_in_process(lm, examples, labels_of_rows, prompt, k):
     `paper` selection of k heads, the probabilities' temperature from leave-one-out."""
     import numpy as np
 
-    from sav_ray import calibration, reduce
-    from sav_ray.artifact import Calibration, SavArtifact, Selection
-    from sav_ray.capture import capture_examples
+    from sav_ray.core import calibration, reduce
+    from sav_ray.core.artifact import Calibration, SavArtifact, Selection
+    from sav_ray.core.capture import capture_examples
 
     labels = tuple(sorted(set(labels_of_rows)))
     y = np.array([labels.index(label) for label in labels_of_rows])  # [n]
@@ -178,9 +178,9 @@ def fit_in_process():
 def demo_sav(demo_model_dir, small_data, tmp_path_factory):
     """(LoadedModel, artifact folder, SavArtifact): the demo model's SAV (k=10) on small_data,
     fitted in-process with the core functions (no Ray), written with the one writer."""
-    from sav_ray.artifact import write_artifact
-    from sav_ray.models import load_model
-    from sav_ray.prompts import PromptConfig
+    from sav_ray.core.artifact import write_artifact
+    from sav_ray.core.models import load_model
+    from sav_ray.core.prompts import PromptConfig
 
     lm = load_model(str(demo_model_dir))
     examples, labels_of_rows = _manifest_examples(small_data["train"])
@@ -194,7 +194,7 @@ def _o_proj_identity(lm, inputs):
     captured last-token vector equals that output at the last real token. Returns the vectors."""
     import torch
 
-    from sav_ray.capture import capture_inputs, last_token_positions
+    from sav_ray.core.capture import capture_inputs, last_token_positions
 
     outputs: dict[int, torch.Tensor] = {}  # layer -> [batch, seq, hidden]
     handles = [
@@ -260,7 +260,7 @@ def _serve_on_loopback(config, token_env=None, token=None):
     its base URL. The caller ends it with `serve.shutdown()`."""
     from ray import serve
 
-    from sav_ray.bench_serving import free_port
+    from sav_ray.bench.serving import free_port
     from serve.app import application
 
     env = {token_env: token} if token_env else {}

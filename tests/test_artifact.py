@@ -1,4 +1,4 @@
-"""Tests for the SAV artifact writer and loader (sav_ray/artifact.py) and its JSON Schema."""
+"""Tests for the SAV artifact writer and loader (sav_ray/core/artifact.py) and its JSON Schema."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import jsonschema
 import numpy as np
 import pytest
 
-import sav_ray.artifact as artifact_module
+import sav_ray.core.artifact as artifact_module
 from sav_ray import __version__
-from sav_ray.artifact import (
+from sav_ray.core.artifact import (
     ARTIFACT_FILE,
     CENTROIDS_FILE,
     HEAD_SCORES_FILE,
@@ -27,8 +27,8 @@ from sav_ray.artifact import (
     load_schema,
     write_artifact,
 )
-from sav_ray.prompts import PromptConfig
-from sav_ray.resolution import Preprocessing
+from sav_ray.core.prompts import PromptConfig
+from sav_ray.core.resolution import Preprocessing
 
 REPO = Path(__file__).parents[1]
 MODEL = BaseModelInfo(
@@ -388,7 +388,7 @@ def test_installed_package_finds_its_packaged_schema(tmp_path):
         REPO / "sav_ray", tmp_path / "sav_ray", ignore=shutil.ignore_patterns("__pycache__")
     )
     code = (
-        "import sav_ray.artifact as a, json, pathlib;"
+        "import sav_ray.core.artifact as a, json, pathlib;"
         "assert not (pathlib.Path(a.__file__).parents[1] / 'artifacts_schema').exists();"
         "print(json.dumps(a.load_schema()))"
     )

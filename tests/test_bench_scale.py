@@ -1,11 +1,11 @@
-"""sav_ray.bench_scale at a tiny size: the generated cases and the reducer path they run."""
+"""sav_ray.bench.scale at a tiny size: the generated cases and the reducer path they run."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from sav_ray.bench_scale import ScaleCase, _block_labels, run_case
+from sav_ray.bench.scale import ScaleCase, _block_labels, run_case
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from sav_ray import bench, bench_serving, reduce
-from sav_ray.geometries import GEOMETRIES
+from sav_ray.bench import rows as bench
+from sav_ray.bench import serving as bench_serving
+from sav_ray.core import reduce
+from sav_ray.fixtures.geometries import GEOMETRIES
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))
@@ -231,9 +233,9 @@ def test_model_config_accepts_underscores_for_hyphens():
 
 
 def test_first_quarter_artifact_stops_the_forward_early(tiny_model):
-    from sav_ray.classify import predict_examples
-    from sav_ray.images import array_to_image
-    from sav_ray.prompts import Example
+    from sav_ray.core.classify import predict_examples
+    from sav_ray.core.images import array_to_image
+    from sav_ray.core.prompts import Example
 
     lm = tiny_model("qwen2_vl")  # 4 layers: the first quarter is layer 0
     artifact = bench.first_quarter_artifact(lm.info, k=3)

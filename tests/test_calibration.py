@@ -1,4 +1,4 @@
-"""Probabilities, the temperature, k from the data and thresholds (sav_ray/calibration.py), on
+"""Probabilities, the temperature, k from the data and thresholds (sav_ray/core/calibration.py), on
 generated vectors with a known class structure, against plain loops."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from sav_ray import calibration, reduce
+from sav_ray.core import calibration, reduce
 
 
 def generated(n_per_class, classes=3, heads=(4, 8), dim=16, signal=(), strength=1.0, seed=0):
@@ -171,7 +171,7 @@ def test_decision_probability_labels_by_the_most_probable_class_and_needs_a_cali
     similarity (hence the probabilities) says b."""
     from dataclasses import replace
 
-    from sav_ray.artifact import (
+    from sav_ray.core.artifact import (
         ArtifactError,
         BaseModelInfo,
         Calibration,
@@ -180,8 +180,8 @@ def test_decision_probability_labels_by_the_most_probable_class_and_needs_a_cali
         load_artifact,
         write_artifact,
     )
-    from sav_ray.classify import predictions
-    from sav_ray.prompts import PromptConfig
+    from sav_ray.core.classify import predictions
+    from sav_ray.core.prompts import PromptConfig
 
     centroids = np.array(
         [

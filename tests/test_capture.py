@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from sav_ray.capture import HeadCapture, capture_examples, capture_inputs
-from sav_ray.models import ModelLayoutError, find_heads
-from sav_ray.prompts import Example, PromptConfig, encode
-from sav_ray.serving import LayerCounter
-from sav_ray.tiny import sample_examples
+from sav_ray.core.capture import HeadCapture, LayerCounter, capture_examples, capture_inputs
+from sav_ray.core.models import ModelLayoutError, find_heads
+from sav_ray.core.prompts import Example, PromptConfig, encode
+from sav_ray.fixtures.tiny import sample_examples
 
 ARCHS = ["qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava", "gemma3"]
 PROMPT = PromptConfig()

@@ -25,7 +25,8 @@ import mlflow
 import pandas as pd
 import pytest
 
-from sav_ray import registry, tracking
+from sav_ray.tracking import registry
+from sav_ray.tracking import runs as tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -1,4 +1,4 @@
-"""Tests for sav_ray.demo_data: deterministic, balanced, readable, and separable by colour."""
+"""Tests for sav_ray.fixtures.demo_data: deterministic, balanced, readable, and separable by colour."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from sav_ray.demo_data import DEMO_CLASSES, make_dataset
-from sav_ray.images import image_to_array, load_image
-from sav_ray.manifest import check_image_files, class_counts, read_manifest, validate_for_fit
+from sav_ray.core.images import image_to_array, load_image
+from sav_ray.core.manifest import check_image_files, class_counts, read_manifest, validate_for_fit
+from sav_ray.fixtures.demo_data import DEMO_CLASSES, make_dataset
 
 
 def file_bytes(out_dir):

@@ -11,11 +11,11 @@ import mlflow
 import numpy as np
 import pytest
 
-from sav_ray import reduce, registry, tracking
-from sav_ray.capture import capture_examples
-from sav_ray.classify import predict_examples
-from sav_ray.config import ModelConfig
-from sav_ray.evaluation import (
+from sav_ray.core import reduce
+from sav_ray.core.capture import capture_examples
+from sav_ray.core.classify import predict_examples
+from sav_ray.pipelines.config import ModelConfig
+from sav_ray.pipelines.evaluation import (
     NO_LABEL,
     all_heads_centroids,
     all_heads_votes,
@@ -23,6 +23,8 @@ from sav_ray.evaluation import (
     expected_calibration_error,
     match_label,
 )
+from sav_ray.tracking import registry
+from sav_ray.tracking import runs as tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))
@@ -163,7 +165,7 @@ def test_evaluate_refuses_rows_with_labels_the_sav_does_not_know(
 def test_all_heads_centroids_from_saved_vectors_need_no_model(
     local_ray, demo_sav, small_data, manifest_examples, tmp_path
 ):
-    from sav_ray.fitting import write_vectors
+    from sav_ray.pipelines.fitting import write_vectors
 
     lm, _, artifact = demo_sav
     examples, labels = manifest_examples(small_data["train"])

@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from sav_ray.config import FitConfig
-from sav_ray.fitting import fit
+from sav_ray.pipelines.config import FitConfig
+from sav_ray.pipelines.fitting import fit
 
 pytestmark = pytest.mark.slow
 

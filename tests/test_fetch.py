@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from sav_ray.admission import BoundedPool, Busy, PixelBudget
-from sav_ray.fetch import (
+from sav_ray.serving.admission import BoundedPool, Busy, PixelBudget
+from sav_ray.serving.fetch import (
     FetchError,
     FetchTooLarge,
     UrlPrefix,
@@ -20,7 +20,7 @@ from sav_ray.fetch import (
     allowed_url,
     download,
 )
-from sav_ray.serving import (
+from sav_ray.serving.requests import (
     ImageSources,
     RequestError,
     RequestLimits,

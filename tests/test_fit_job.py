@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sav_ray.artifact import load_artifact
-from sav_ray.config import FitConfig, ModelConfig
-from sav_ray.fitting import fit
-from sav_ray.manifest import read_manifest
-from sav_ray.predicting import accuracy, predict_table
+from sav_ray.core.artifact import load_artifact
+from sav_ray.core.manifest import read_manifest
+from sav_ray.pipelines.config import FitConfig, ModelConfig
+from sav_ray.pipelines.fitting import fit
+from sav_ray.pipelines.predicting import accuracy, predict_table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))
@@ -244,9 +244,9 @@ def test_auto_k_probabilities_and_a_threshold_from_saved_vectors(
     """--num-heads auto over the grid, the temperature, a threshold reaching its target
     precision leave-one-out (checked by recomputing each centroid without the example), and
     predictions whose probabilities equal the softmax of mean cosines over the temperature."""
-    from sav_ray import calibration
-    from sav_ray.capture import capture_examples
-    from sav_ray.models import load_model
+    from sav_ray.core import calibration
+    from sav_ray.core.capture import capture_examples
+    from sav_ray.core.models import load_model
 
     _, _, vectors = one_actor
     cfg = replace(
@@ -291,7 +291,7 @@ def test_auto_k_probabilities_and_a_threshold_from_saved_vectors(
     positive = y == artifact.labels.index("red_circle")
     assert (called & positive).sum() / called.sum() >= 0.9
 
-    from sav_ray.artifact import write_artifact
+    from sav_ray.core.artifact import write_artifact
 
     written = write_artifact(artifact, Path(base_cfg.output).parent / "auto")
     table = read_manifest(demo_data["test"], require_label=False)

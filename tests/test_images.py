@@ -1,4 +1,4 @@
-"""Tests for sav_ray.images: formats and modes to RGB, and every refusal naming its image."""
+"""Tests for sav_ray.core.images: formats and modes to RGB, and every refusal naming its image."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sav_ray import images
-from sav_ray.images import (
+from sav_ray.core import images
+from sav_ray.core.images import (
     ImageError,
     ImageLimits,
     ImageTooLarge,

@@ -1,4 +1,4 @@
-"""Tests for sav_ray.manifest: every format, field options, and each error message."""
+"""Tests for sav_ray.core.manifest: every format, field options, and each error message."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sav_ray.manifest import (
+from sav_ray.core.manifest import (
     FORMATS,
     MANIFEST_SCHEMA,
     ManifestError,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sav_ray import reduce
-from sav_ray.fitting import _sums_of_block, first_pass, head_hits
+from sav_ray.core import reduce
+from sav_ray.pipelines.fitting import _sums_of_block, first_pass, head_hits
 
 SHAPE = (3, 4, 8)  # [layer, head, head_dim]
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from sav_ray.config import FitConfig
-from sav_ray.errors import ConfigError
-from sav_ray.placement import AUTO, NodeResources, choose_device, resolve
+from sav_ray.core.errors import ConfigError
+from sav_ray.pipelines.config import FitConfig
+from sav_ray.pipelines.placement import AUTO, NodeResources, choose_device, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))
@@ -90,7 +90,7 @@ def two_gpu_ray():
 def test_auto_starts_one_actor_per_gpu(two_gpu_ray, demo_model_dir, demo_data, tmp_path):
     import torch
 
-    from sav_ray.fitting import fit
+    from sav_ray.pipelines.fitting import fit
 
     cfg = FitConfig(
         model=str(demo_model_dir),

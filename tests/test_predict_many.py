@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from sav_ray.artifact import write_artifact
-from sav_ray.config import ModelConfig
-from sav_ray.manifest import ManifestFields, read_manifest
-from sav_ray.predicting import ClassifyRows
-from sav_ray.preprocess import object_column, preprocess_rows
-from sav_ray.prompts import PromptConfig
+from sav_ray.core.artifact import write_artifact
+from sav_ray.core.manifest import ManifestFields, read_manifest
+from sav_ray.core.prompts import PromptConfig
+from sav_ray.pipelines.config import ModelConfig
+from sav_ray.pipelines.predicting import ClassifyRows
+from sav_ray.pipelines.preprocess import object_column, preprocess_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 import predict as predict_job  # noqa: E402
@@ -42,7 +42,7 @@ def savs(demo_sav, small_data, manifest_examples, fit_in_process, tmp_path_facto
 
 def preprocessed(small_data, demo_model_dir, artifacts):
     """The test manifest as the predict job's CPU tasks hand it to the actor."""
-    from sav_ray.classify import input_variants
+    from sav_ray.core.classify import input_variants
 
     table = read_manifest(
         small_data["test"], ManifestFields.from_flags("image", "question", "label", None)
@@ -84,8 +84,8 @@ def test_artifacts_are_predicted_in_one_pass_equal_to_separate_runs(
 
 def _only(batch, artifacts, a):
     """The batch with artifact `a`'s encoded column as the one a single-artifact actor reads."""
-    from sav_ray.classify import input_variants
-    from sav_ray.preprocess import INPUTS, inputs_column
+    from sav_ray.core.classify import input_variants
+    from sav_ray.pipelines.preprocess import INPUTS, inputs_column
 
     variant = input_variants(artifacts)[1][a]
     return {**batch, INPUTS: batch[inputs_column(variant)]}

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from sav_ray.config import ModelConfig
-from sav_ray.errors import ConfigError
-from sav_ray.manifest import read_manifest
-from sav_ray.models import find_heads, load_model
-from sav_ray.preflight import check_model, load_config, meta_model
-from sav_ray.prompts import PromptConfig
+from sav_ray.core.errors import ConfigError
+from sav_ray.core.manifest import read_manifest
+from sav_ray.core.models import find_heads, load_model
+from sav_ray.core.prompts import PromptConfig
+from sav_ray.pipelines.config import ModelConfig
+from sav_ray.pipelines.preflight import check_model, load_config, meta_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))

@@ -13,21 +13,21 @@ import pytest
 import torch
 from PIL import Image
 
-from sav_ray import reduce
-from sav_ray.artifact import load_artifact, write_artifact
-from sav_ray.capture import capture_examples, capture_rows
-from sav_ray.classify import (
+from sav_ray.core import reduce
+from sav_ray.core.artifact import load_artifact, write_artifact
+from sav_ray.core.capture import capture_examples, capture_rows
+from sav_ray.core.classify import (
     head_vectors,
     needed_layers,
     predict_examples,
     predict_rows,
     predictions,
 )
-from sav_ray.config import FitConfig, ModelConfig
-from sav_ray.model_inputs import TRAINING_ONLY, collate, encode_row, forward_inputs
-from sav_ray.prompts import Example, PromptConfig, encode
-from sav_ray.resolution import Preprocessing, resolution_plan
-from sav_ray.tiny import ARCHITECTURES
+from sav_ray.core.model_inputs import TRAINING_ONLY, collate, encode_row, forward_inputs
+from sav_ray.core.prompts import Example, PromptConfig, encode
+from sav_ray.core.resolution import Preprocessing, resolution_plan
+from sav_ray.fixtures.tiny import ARCHITECTURES
+from sav_ray.pipelines.config import FitConfig, ModelConfig
 
 PROMPT = PromptConfig()
 # (image sizes as (width, height), text, label): one batch of all four rows
@@ -58,7 +58,7 @@ def manifest(tmp_path_factory):
 
 
 def _table(path):
-    from sav_ray.manifest import read_manifest
+    from sav_ray.core.manifest import read_manifest
 
     return read_manifest(path)
 
@@ -88,8 +88,8 @@ def test_forward_inputs_drop_what_the_forward_does_not_take(tiny_model):
 def test_vectors_preprocessed_on_ray_equal_one_process(
     arch, local_ray, tiny_model_dir, tiny_model, manifest, manifest_examples
 ):
-    from sav_ray.bench_preprocess import forward_share_row
-    from sav_ray.fitting import vectors_dataset
+    from sav_ray.bench.preprocess import forward_share_row
+    from sav_ray.pipelines.fitting import vectors_dataset
 
     model = ModelConfig(model=str(tiny_model_dir(arch)), batch_size=len(ROWS))
     ds = vectors_dataset(_table(manifest), model, PROMPT, "float32").materialize()
@@ -113,7 +113,7 @@ def test_qwen_limits_become_the_processors_size(tiny_model):
 
 @pytest.mark.parametrize("arch", ["llava", "gemma3"])
 def test_fixed_size_processors_are_untouched_with_a_note(arch, tiny_model, caplog):
-    from sav_ray.resolution import warn_unused
+    from sav_ray.core.resolution import warn_unused
 
     processor = tiny_model(arch).processor
     plan = resolution_plan(processor, Preprocessing(max_image_pixels=LIMIT))
@@ -133,7 +133,7 @@ def test_llava_onevision_limit_picks_a_smaller_tile_grid(tiny_model):
 
 
 def test_visual_tokens_row_applies_the_limit():
-    from sav_ray.bench_preprocess import visual_tokens
+    from sav_ray.bench.preprocess import visual_tokens
 
     row = visual_tokens(max_image_pixels=224 * 224, size=(640, 360))
     assert row.measured["tokens_limited"] < row.measured["tokens_default"]
@@ -144,8 +144,8 @@ def test_visual_tokens_row_applies_the_limit():
 def test_fit_records_max_image_pixels_and_predict_reuses_it(
     local_ray, tiny_model_dir, tiny_model, manifest, manifest_examples, tmp_path
 ):
-    from sav_ray.fitting import fit, preprocessed_dataset
-    from sav_ray.preprocess import rows_of
+    from sav_ray.pipelines.fitting import fit, preprocessed_dataset
+    from sav_ray.pipelines.preprocess import rows_of
 
     folder = str(tiny_model_dir("qwen2_vl"))
     lm = tiny_model("qwen2_vl")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sav_ray import registry, tracking
+from sav_ray.tracking import registry
+from sav_ray.tracking import runs as tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))

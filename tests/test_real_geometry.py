@@ -1,4 +1,4 @@
-"""Capture, fit and predict at the decoder geometry of real checkpoints (sav_ray.geometries):
+"""Capture, fit and predict at the decoder geometry of real checkpoints (sav_ray.fixtures.geometries):
 random models at the real width, heads and head_dim, 1 decoder layer, a small MLP width.
 
 Slow: four ~40-100 MB models and a fit and predict on Ray for each: one Ray for the module,
@@ -11,18 +11,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sav_ray import reduce
-from sav_ray.artifact import load_artifact, write_artifact
-from sav_ray.capture import capture_examples
-from sav_ray.classify import predict_examples
-from sav_ray.config import FitConfig, ModelConfig
-from sav_ray.errors import ConfigError
-from sav_ray.fitting import fit
-from sav_ray.geometries import GEOMETRIES, build_geometry_model, geometry
-from sav_ray.manifest import read_manifest
-from sav_ray.models import load_model
-from sav_ray.predicting import predict_table
-from sav_ray.prompts import PromptConfig, encode
+from sav_ray.core import reduce
+from sav_ray.core.artifact import load_artifact, write_artifact
+from sav_ray.core.capture import capture_examples
+from sav_ray.core.classify import predict_examples
+from sav_ray.core.errors import ConfigError
+from sav_ray.core.manifest import read_manifest
+from sav_ray.core.models import load_model
+from sav_ray.core.prompts import PromptConfig, encode
+from sav_ray.fixtures.geometries import GEOMETRIES, build_geometry_model, geometry
+from sav_ray.pipelines.config import FitConfig, ModelConfig
+from sav_ray.pipelines.fitting import fit
+from sav_ray.pipelines.predicting import predict_table
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ INTERMEDIATE = 256  # the MLP is not what is tested; the real one is 10-19k wide
 @pytest.fixture(scope="module")
 def two_classes(tmp_path_factory):
     """{"train": manifest, "test": manifest}: 2 classes, 2 training rows and 1 test row each."""
-    from sav_ray.demo_data import make_dataset
+    from sav_ray.fixtures.demo_data import make_dataset
 
     folder = tmp_path_factory.mktemp("two_classes")
     return make_dataset(folder, classes=2, train_per_class=2, test_per_class=1)

@@ -1,4 +1,4 @@
-"""Tests for sav_ray.reduce: class sums, head scoring, ranking and voting against plain loops."""
+"""Tests for sav_ray.core.reduce: class sums, head scoring, ranking and voting against plain loops."""
 
 import itertools
 from collections import Counter
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sav_ray.reduce import (
+from sav_ray.core.reduce import (
     SELECTION_METHODS,
     ClassSums,
     HeadHits,

@@ -13,11 +13,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from sav_ray import registry, tracking
-from sav_ray.artifact import SCHEMA_VERSION
-from sav_ray.classify import predict_examples
-from sav_ray.config import FitConfig
-from sav_ray.errors import ConfigError
+from sav_ray.core.artifact import SCHEMA_VERSION
+from sav_ray.core.classify import predict_examples
+from sav_ray.core.errors import ConfigError
+from sav_ray.pipelines.config import FitConfig
+from sav_ray.tracking import registry
+from sav_ray.tracking import runs as tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))

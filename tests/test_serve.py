@@ -48,10 +48,10 @@ def fit_artifact(
     (so the artifacts differ in their deepest layer); with the probabilities' temperature
     (unless not `calibrated`) and, for a `positive` label, a threshold reaching precision 0.9
     leave-one-out."""
-    from sav_ray import calibration, reduce
-    from sav_ray.artifact import Calibration, SavArtifact, Selection, write_artifact
-    from sav_ray.prompts import PromptConfig
-    from sav_ray.resolution import Preprocessing
+    from sav_ray.core import calibration, reduce
+    from sav_ray.core.artifact import Calibration, SavArtifact, Selection, write_artifact
+    from sav_ray.core.prompts import PromptConfig
+    from sav_ray.core.resolution import Preprocessing
 
     names = sorted(set(labels))
     y = np.array([names.index(label) for label in labels])
@@ -129,18 +129,18 @@ def server(
 ):
     from ray import serve
 
-    from sav_ray.artifact import write_artifact
-    from sav_ray.capture import capture_examples
-    from sav_ray.config import ModelConfig
-    from sav_ray.manifest import ManifestFields, read_manifest
-    from sav_ray.models import load_model
-    from sav_ray.predicting import ClassifyRows
-    from sav_ray.preprocess import object_column, preprocess_rows
-    from sav_ray.prompts import Example, PromptConfig
-    from sav_ray.registry import promote, register_artifact
-    from sav_ray.resolution import Preprocessing
-    from sav_ray.tracking import run, use_store
-    from sav_ray.video import load_video
+    from sav_ray.core.artifact import write_artifact
+    from sav_ray.core.capture import capture_examples
+    from sav_ray.core.manifest import ManifestFields, read_manifest
+    from sav_ray.core.models import load_model
+    from sav_ray.core.prompts import Example, PromptConfig
+    from sav_ray.core.resolution import Preprocessing
+    from sav_ray.core.video import load_video
+    from sav_ray.pipelines.config import ModelConfig
+    from sav_ray.pipelines.predicting import ClassifyRows
+    from sav_ray.pipelines.preprocess import object_column, preprocess_rows
+    from sav_ray.tracking.registry import promote, register_artifact
+    from sav_ray.tracking.runs import run, use_store
     from serve.schemas import AppConfig
 
     tmp = tmp_path_factory.mktemp("serve")
@@ -409,7 +409,7 @@ def test_layers_after_the_deepest_selected_one_never_run(server):
 
 
 def test_videos_are_classified_as_predict_does_and_an_over_limit_one_gets_413(server, tmp_path):
-    from sav_ray.demo_data import write_gif
+    from sav_ray.fixtures.demo_data import write_gif
 
     inputs = [{"text": text, "video": video} for text, video in server.videos]
     r = server.post({"model": "moves", "inputs": inputs})
@@ -708,7 +708,7 @@ def test_fuzzing_every_operation_of_the_openapi_document_finds_no_5xx(server):
 
 
 def test_promotion_is_followed_on_reload_with_no_failed_request(server):
-    from sav_ray.registry import promote
+    from sav_ray.tracking.registry import promote
 
     assert server.models()["reg"]["version"] == "1"
     stop, results, lock = threading.Event(), [], threading.Lock()
@@ -754,7 +754,7 @@ def test_promotion_is_followed_on_reload_with_no_failed_request(server):
 
 
 def test_a_rollback_is_followed_within_the_poll_interval(server):
-    from sav_ray.registry import rollback
+    from sav_ray.tracking.registry import rollback
 
     assert server.models()["reg"]["version"] == "2"
     rollback(REGISTERED, "production", uri=server.mlflow_uri)
@@ -775,10 +775,10 @@ def test_a_text_llm_server_classifies_text_and_refuses_images(server, tiny_model
     fitted in process; answers equal `predict_examples`; an image is a 422 naming the field."""
     from ray import serve
 
-    from sav_ray.capture import capture_examples
-    from sav_ray.classify import predict_examples
-    from sav_ray.demo_data import make_text_dataset
-    from sav_ray.prompts import Example, PromptConfig
+    from sav_ray.core.capture import capture_examples
+    from sav_ray.core.classify import predict_examples
+    from sav_ray.core.prompts import Example, PromptConfig
+    from sav_ray.fixtures.demo_data import make_text_dataset
     from serve.app import application
     from serve.schemas import AppConfig
 

@@ -16,9 +16,9 @@ import pytest
 import requests
 from PIL import Image
 
-from sav_ray.bench_serving import png_16_bit
-from sav_ray.classify import predict_examples
-from sav_ray.prompts import Example
+from sav_ray.bench.serving import png_16_bit
+from sav_ray.core.classify import predict_examples
+from sav_ray.core.prompts import Example
 
 pytestmark = pytest.mark.slow
 

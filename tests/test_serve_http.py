@@ -13,7 +13,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
-from sav_ray.serving import RequestLimits
+from sav_ray.serving.requests import RequestLimits
 from serve.http_api import Guard, _validation_handler
 from serve.schemas import AppConfig, classify_request_model
 

@@ -1,4 +1,4 @@
-"""Tests for sav_ray.serving, the server's core without Ray: image sources and limits, model
+"""Tests for sav_ray.serving.requests, the server's core without Ray: image sources and limits, model
 references, batches where one input fails alone, and the layer counter behind early exit."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from sav_ray.artifact import SavArtifact, Selection, write_artifact
-from sav_ray.classify import predict_examples
-from sav_ray.images import image_to_array
-from sav_ray.prompts import Example, PromptConfig
-from sav_ray.serving import (
+from sav_ray.core.artifact import SavArtifact, Selection, write_artifact
+from sav_ray.core.capture import LayerCounter
+from sav_ray.core.classify import predict_examples
+from sav_ray.core.images import image_to_array
+from sav_ray.core.prompts import Example, PromptConfig
+from sav_ray.serving.requests import (
     BatchStats,
     ImageSources,
-    LayerCounter,
     RequestError,
     RequestLimits,
     classify_shared,
@@ -177,7 +177,7 @@ def tiny_artifact(info, heads, labels=("cat", "dog")) -> SavArtifact:
 @pytest.fixture(scope="module")
 def lm(tiny_model_dir):
     """A private copy of the tiny Qwen2-VL (the counter's hooks must not reach other tests)."""
-    from sav_ray.models import load_model
+    from sav_ray.core.models import load_model
 
     return load_model(str(tiny_model_dir("qwen2_vl")))
 

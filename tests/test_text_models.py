@@ -20,11 +20,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sav_ray.capture import capture_inputs
-from sav_ray.models import LoadedModel, decoder_layers, find_heads, model_class
-from sav_ray.prompts import Example, PromptConfig, encode
-from sav_ray.serving import LayerCounter
-from sav_ray.tiny import (
+from sav_ray.core.capture import LayerCounter, capture_inputs
+from sav_ray.core.models import LoadedModel, decoder_layers, find_heads, model_class
+from sav_ray.core.prompts import Example, PromptConfig, encode
+from sav_ray.fixtures.tiny import (
     NO_PROCESSOR_ARCHITECTURES,
     TEXT_ARCHITECTURES,
     tiny_model_without_processor,
@@ -115,7 +114,7 @@ def test_llama_prompt_has_one_bos_and_pads_with_eos(tiny_model):
 
 def test_zero_shot_answers_decode_through_the_text_processor(tiny_model):
     """evaluate.py's zero-shot baseline: greedy generation, new tokens decoded."""
-    from sav_ray.evaluation import generate_answers
+    from sav_ray.pipelines.evaluation import generate_answers
 
     lm = tiny_model("qwen2")
     answers = generate_answers(lm, batch(lm, TEXTS[:2]), max_new_tokens=3)
@@ -123,9 +122,9 @@ def test_zero_shot_answers_decode_through_the_text_processor(tiny_model):
 
 
 def test_images_for_a_text_llm_are_refused_naming_row_and_field(tiny_model_dir, tmp_path):
-    from sav_ray.config import ModelConfig
-    from sav_ray.manifest import ManifestError, read_manifest
-    from sav_ray.preflight import check_model
+    from sav_ray.core.manifest import ManifestError, read_manifest
+    from sav_ray.pipelines.config import ModelConfig
+    from sav_ray.pipelines.preflight import check_model
 
     manifest = tmp_path / "rows.jsonl"
     rows = [
@@ -147,7 +146,7 @@ def test_images_for_a_text_llm_are_refused_naming_row_and_field(tiny_model_dir, 
 
 
 def fields_with_image(image: str):
-    from sav_ray.manifest import ManifestFields
+    from sav_ray.core.manifest import ManifestFields
 
     return ManifestFields.from_flags(image=image, text="question", label="label")
 
@@ -159,8 +158,8 @@ def fields_with_image(image: str):
 def text_sav(local_ray, tiny_model_dir, tmp_path_factory):
     """jobs/fit.py then jobs/predict.py on a text-only manifest (`--image-field ''`) with the
     tiny Qwen2: (model folder, data, artifact, prediction records)."""
-    from sav_ray.artifact import load_artifact
-    from sav_ray.demo_data import make_text_dataset
+    from sav_ray.core.artifact import load_artifact
+    from sav_ray.fixtures.demo_data import make_text_dataset
 
     tmp = tmp_path_factory.mktemp("text_sav")
     data = make_text_dataset(tmp / "data", train_per_class=10, test_per_class=6)
@@ -175,8 +174,8 @@ def text_sav(local_ray, tiny_model_dir, tmp_path_factory):
 
 
 def test_a_text_only_manifest_fits_and_predicts_on_a_text_llm(text_sav, tiny_model):
-    from sav_ray.classify import predict_examples
-    from sav_ray.predicting import accuracy
+    from sav_ray.core.classify import predict_examples
+    from sav_ray.pipelines.predicting import accuracy
 
     folder, data, artifact, records = text_sav
     assert artifact.base_model.modalities == ("text",)
@@ -193,8 +192,8 @@ def test_a_text_only_manifest_fits_and_predicts_on_a_text_llm(text_sav, tiny_mod
 
 
 def test_the_mlflow_model_takes_text_and_refuses_images_for_a_text_llm(text_sav, tiny_model):
-    from sav_ray.images import ImageError
-    from sav_ray.pyfunc_model import SavModel
+    from sav_ray.core.images import ImageError
+    from sav_ray.tracking.pyfunc_model import SavModel
 
     folder, data, artifact, records = text_sav
     model = SavModel()

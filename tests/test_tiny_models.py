@@ -1,4 +1,4 @@
-"""Tiny offline models (`sav_ray.tiny`) and the processor loader (`sav_ray.processors`).
+"""Tiny offline models (`sav_ray.fixtures.tiny`) and the processor loader (`sav_ray.core.processors`).
 
 Every architecture is built, saved, reloaded from disk and run on a left-padded batch mixing
 one-image, two-image and text-only prompts.
@@ -14,8 +14,13 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, Qwen2VLProcessor
 
-from sav_ray.processors import load_processor
-from sav_ray.tiny import ARCHITECTURES, build_tiny_model, build_tokenizer, tiny_model_and_processor
+from sav_ray.core.processors import load_processor
+from sav_ray.fixtures.tiny import (
+    ARCHITECTURES,
+    build_tiny_model,
+    build_tokenizer,
+    tiny_model_and_processor,
+)
 
 VOCAB = 512
 

@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sav_ray.demo_data import VIDEO_CLASSES, write_gif
-from sav_ray.errors import ConfigError
-from sav_ray.manifest import ManifestError, ManifestFields, check_image_files, read_manifest
-from sav_ray.prompts import Example, PromptConfig
-from sav_ray.resolution import Preprocessing
-from sav_ray.video import VideoError, VideoLimits, VideoTooLarge, decode_video, load_video
+from sav_ray.core.errors import ConfigError
+from sav_ray.core.manifest import ManifestError, ManifestFields, check_image_files, read_manifest
+from sav_ray.core.prompts import Example, PromptConfig
+from sav_ray.core.resolution import Preprocessing
+from sav_ray.core.video import VideoError, VideoLimits, VideoTooLarge, decode_video, load_video
+from sav_ray.fixtures.demo_data import VIDEO_CLASSES, write_gif
 
 LEVEL = 16  # frame t is flat grey at LEVEL * t: its content tells its index
 
 
 def expected_indices(total: int, n: int) -> list[int]:
-    """The documented formula, written independently of sav_ray.video: n points evenly spaced
+    """The documented formula, written independently of sav_ray.core.video: n points evenly spaced
     from the first frame to the last, rounded half up (the middle frame for n == 1)."""
     if n == 1:
         return [(total - 1) // 2]
@@ -44,7 +44,7 @@ def write_video(path, total: int, container: str, size=(24, 16)) -> None:
 
 
 def decode_all(path) -> list[np.ndarray]:
-    """Every frame, decoded with PyAV's own probing (not sav_ray.video)."""
+    """Every frame, decoded with PyAV's own probing (not sav_ray.core.video)."""
     with av.open(str(path)) as container:
         return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
 
@@ -115,14 +115,14 @@ def test_the_manifest_video_field_is_checked_naming_row_and_field(tmp_path):
 
 @pytest.fixture(scope="module")
 def demo_lm(demo_model_dir):
-    from sav_ray.models import load_model
+    from sav_ray.core.models import load_model
 
     return load_model(str(demo_model_dir))
 
 
 def test_a_video_rows_vectors_equal_its_sampled_frames_given_as_images(demo_lm, video_data):
-    from sav_ray.capture import capture_examples
-    from sav_ray.model_inputs import video_input
+    from sav_ray.core.capture import capture_examples
+    from sav_ray.core.model_inputs import video_input
 
     table = read_manifest(video_data["train"], ManifestFields(image=()))
     path = table["video"].to_pylist()[0]
@@ -158,13 +158,13 @@ def test_fit_and_predict_on_ray_record_the_video_settings_and_reuse_them(
 ):
     from mlflow.pyfunc import PythonModelContext
 
-    from sav_ray.artifact import ARTIFACT_FILE, load_artifact, write_artifact
-    from sav_ray.classify import predict_examples
-    from sav_ray.config import FitConfig, ModelConfig
-    from sav_ray.fitting import fit
-    from sav_ray.predicting import ClassifyRows
-    from sav_ray.preprocess import object_column, preprocess_rows, rows_of
-    from sav_ray.pyfunc_model import SavModel
+    from sav_ray.core.artifact import ARTIFACT_FILE, load_artifact, write_artifact
+    from sav_ray.core.classify import predict_examples
+    from sav_ray.pipelines.config import FitConfig, ModelConfig
+    from sav_ray.pipelines.fitting import fit
+    from sav_ray.pipelines.predicting import ClassifyRows
+    from sav_ray.pipelines.preprocess import object_column, preprocess_rows, rows_of
+    from sav_ray.tracking.pyfunc_model import SavModel
 
     n = 3  # not the default 8: inference must take it from the artifact
     cfg = FitConfig(

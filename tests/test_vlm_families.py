@@ -1,7 +1,7 @@
 """PaliGemma, SmolVLM and Mllama (Llama 3.2 Vision): capture identities, the fit + predict
 round trip, Mllama's self-attention layers, and `--chat-template` for checkpoints without one.
 
-Tiny random models (`sav_ray.tiny.VLM_FAMILIES`). PaliGemma, as its base checkpoints, has no
+Tiny random models (`sav_ray.fixtures.tiny.VLM_FAMILIES`). PaliGemma, as its base checkpoints, has no
 chat template: every prompt of it here uses `PALIGEMMA_CHAT_TEMPLATE`. Its processor returns
 `labels`, SmolVLM's processor requires a video processor (none without torchvision), and Mllama
 interleaves cross-attention decoder layers without `self_attn`.
@@ -14,18 +14,17 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from sav_ray import reduce
-from sav_ray.artifact import ArtifactError, load_artifact, write_artifact
-from sav_ray.capture import capture_examples
-from sav_ray.classify import predict_examples, predictions
-from sav_ray.config import FitConfig, ModelConfig
-from sav_ray.errors import ConfigError
-from sav_ray.fitting import fit
-from sav_ray.manifest import read_manifest
-from sav_ray.preflight import check_model
-from sav_ray.prompts import PromptConfig, encode
-from sav_ray.serving import LayerCounter
-from sav_ray.tiny import PALIGEMMA_CHAT_TEMPLATE, VLM_FAMILIES, sample_examples
+from sav_ray.core import reduce
+from sav_ray.core.artifact import ArtifactError, load_artifact, write_artifact
+from sav_ray.core.capture import LayerCounter, capture_examples
+from sav_ray.core.classify import predict_examples, predictions
+from sav_ray.core.errors import ConfigError
+from sav_ray.core.manifest import read_manifest
+from sav_ray.core.prompts import PromptConfig, encode
+from sav_ray.fixtures.tiny import PALIGEMMA_CHAT_TEMPLATE, VLM_FAMILIES, sample_examples
+from sav_ray.pipelines.config import FitConfig, ModelConfig
+from sav_ray.pipelines.fitting import fit
+from sav_ray.pipelines.preflight import check_model
 
 
 def prompt_for(arch: str) -> PromptConfig:
