@@ -39,6 +39,7 @@ from ray.serve.handle import DeploymentHandle
 from sav_ray.core.artifact import BaseModelInfo
 from sav_ray.core.prompts import PromptConfig
 from sav_ray.core.resolution import Preprocessing
+from sav_ray.pipelines.logs import serve_logging_config
 from sav_ray.pipelines.placement import AUTO, cluster_nodes, resolve
 from sav_ray.pipelines.preprocess import model_processor
 from sav_ray.serving.admission import BoundedPool, Busy, PixelBudget, peak_rss_mb
@@ -438,8 +439,10 @@ def application(
     options = dict(classifier_options or {})
     if "ray_actor_options" not in options:
         options["ray_actor_options"] = classifier_resources(cfg)
+    options.setdefault("logging_config", serve_logging_config())
+    ingress = {"logging_config": serve_logging_config(), **(ingress_options or {})}
     classifier = Classifier.options(**options).bind(config)
-    return Ingress.options(**(ingress_options or {})).bind(classifier, config)
+    return Ingress.options(**ingress).bind(classifier, config)
 
 
 def classifier_resources(cfg: AppConfig) -> dict[str, Any]:

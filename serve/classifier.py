@@ -23,6 +23,7 @@ from sav_ray.core.artifact import ArtifactError, SavArtifact
 from sav_ray.core.capture import LayerCounter
 from sav_ray.core.classify import input_key
 from sav_ray.core.models import load_model
+from sav_ray.pipelines.logs import quiet_progress_bars
 from sav_ray.pipelines.placement import actor_placement
 from sav_ray.serving.admission import peak_rss_mb
 from sav_ray.serving.requests import (
@@ -69,6 +70,7 @@ class Classifier:
     """One base model, many artifacts (multiplexed), batched forward passes."""
 
     async def __init__(self, config: dict[str, Any]) -> None:
+        quiet_progress_bars()  # unless SAV_LOG_LEVEL asks: no download or loading bars
         # First, before CUDA starts: a replica given no GPU must not take the node's first one
         # (Ray leaves every GPU visible to it).
         self.placement = actor_placement()

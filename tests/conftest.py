@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -351,3 +353,39 @@ class LoopbackHttp:
 def loopback_http():
     """LoopbackHttp (the class): start one with `loopback_http(routes)`, `close()` it after."""
     return LoopbackHttp
+
+
+@pytest.fixture(scope="session")
+def big_manifest(demo_data, tmp_path_factory):
+    """The demo training set five times over (300 rows), so the fit lasts long enough to kill."""
+    base = demo_data["train"].parent
+    rows = [json.loads(line) for line in demo_data["train"].read_text().splitlines()]
+    out = tmp_path_factory.mktemp("big") / "train.jsonl"
+    with out.open("w") as f:
+        for copy in range(5):
+            for r in rows:
+                f.write(
+                    json.dumps({**r, "image": str(base / r["image"]), "id": f"{copy}-{r['image']}"})
+                    + "\n"
+                )
+    return out
+
+
+def _stopped_cleanly(uri: str, experiment: str, name: str, output: Path, signame: str):
+    """One run, KILLED, tagged with the signal; no version of `name`; no artifact at `output`,
+    and no temporary sibling of it."""
+    from sav_ray.tracking import registry
+
+    c = registry.client(uri)
+    (run,) = c.search_runs([c.get_experiment_by_name(experiment).experiment_id])
+    assert run.info.status == "KILLED", run.info.status
+    assert run.data.tags["sav.error"] == f"stopped by {signame}"
+    assert not c.search_model_versions(f"name = '{name}'")
+    assert not output.exists()
+    assert not list(output.parent.glob(f".{output.name}.tmp-*"))
+
+
+@pytest.fixture(scope="session")
+def stopped_cleanly():
+    """Asserts a stopped fit left its store and output clean (tests/test_stops.py)."""
+    return _stopped_cleanly

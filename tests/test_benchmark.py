@@ -15,12 +15,11 @@ import torch
 
 from sav_ray.bench import rows as bench
 from sav_ray.bench import serving as bench_serving
+from sav_ray.cli import benchmark as benchmark_job
 from sav_ray.core import reduce
 from sav_ray.fixtures.geometries import GEOMETRIES
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
-import benchmark as benchmark_job  # noqa: E402
 
 ROW_KEYS = [
     "capture_overhead",

@@ -1,5 +1,6 @@
 """The cluster path: `ray start --head` on loopback, `ray job submit` of jobs/fit.py --register,
-against the session's sqlite store and against a real `mlflow server`; a broken row fails the job.
+against the session's sqlite store and against a real `mlflow server`; a broken row fails the job;
+`ray job stop` on a running fit leaves the store clean.
 
 Every process started here runs in its own session and is stopped by its process group;
 `ray stop` is not used because it stops every Ray on the machine, not only this one.
@@ -25,13 +26,12 @@ import mlflow
 import pandas as pd
 import pytest
 
+from sav_ray.cli import predict as predict_job
 from sav_ray.tracking import registry
 from sav_ray.tracking import runs as tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(ROOT / "jobs"))
-import predict as predict_job  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -250,3 +250,42 @@ def test_a_broken_row_fails_the_job_and_its_run_and_registers_nothing(
     (run,) = c.search_runs([c.get_experiment_by_name(experiment).experiment_id])
     assert run.info.status == "FAILED"
     assert "row 8" in run.data.tags["sav.error"]
+
+
+def ray_job(head: str, command: str, *args: str) -> subprocess.CompletedProcess:
+    """`ray job COMMAND --address HEAD ARGS...` (for submit, ARGS end with `-- entrypoint`)."""
+    cmd = [str(BIN / "ray"), "job", command, "--address", head, *args]
+    return subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=120)
+
+
+def test_ray_job_stop_on_a_running_fit_leaves_the_store_clean(
+    ray_head, mlflow_store, demo_model_dir, big_manifest, stopped_cleanly, tmp_path
+):
+    name, experiment = f"jobstop-{uuid.uuid4().hex[:6]}", f"jobstop-{uuid.uuid4().hex[:6]}"
+    output = tmp_path / "sav"
+    job_id = f"fit-{uuid.uuid4().hex[:8]}"
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_store, "HF_HUB_OFFLINE": "1"}}
+    submitted = ray_job(
+        ray_head, "submit", "--no-wait", "--submission-id", job_id, "--working-dir", str(ROOT),
+        "--runtime-env-json", json.dumps(runtime_env), "--", "python", "jobs/fit.py",
+        "--model", str(demo_model_dir), "--train", str(big_manifest), "--output", str(output),
+        "--register", name, "--experiment", experiment, "--batch-size", "2",
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    deadline = time.monotonic() + JOB_TIMEOUT
+    logs = ""
+    while "model actors" not in logs:  # the fit has begun: its run is open
+        assert time.monotonic() < deadline, f"the fit did not start:\n{logs[-3000:]}"
+        status = ray_job(ray_head, "status", job_id).stdout
+        assert "RUNNING" in status or "PENDING" in status, status + logs[-3000:]
+        time.sleep(1)
+        logs = ray_job(ray_head, "logs", job_id).stdout
+    time.sleep(3)
+    stopped = ray_job(ray_head, "stop", job_id)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    while "was stopped" not in (status := ray_job(ray_head, "status", job_id).stdout):
+        assert time.monotonic() < deadline, status
+        time.sleep(1)
+    logs = ray_job(ray_head, "logs", job_id).stdout
+    assert "stopped by SIGTERM" in logs, logs[-3000:]
+    stopped_cleanly(mlflow_store, experiment, name, output, "SIGTERM")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import uuid
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import mlflow
 import numpy as np
 import pytest
 
+from sav_ray.cli import evaluate as evaluate_job
 from sav_ray.core import reduce
 from sav_ray.core.capture import capture_examples
 from sav_ray.core.classify import predict_examples
@@ -27,8 +27,6 @@ from sav_ray.tracking import registry
 from sav_ray.tracking import runs as tracking
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
-import evaluate as evaluate_job  # noqa: E402
 
 
 def test_metrics_on_a_hand_counted_example():
@@ -85,7 +83,7 @@ def evaluated(demo_sav, small_data):
     with tracking.run(experiment, uri, "register"):
         mv = registry.register_artifact(name, artifact, out)
     argv = [
-        "--model", f"models:/{name}@candidate", "--data", str(small_data["test"]),
+        "--artifact", f"models:/{name}@candidate", "--data", str(small_data["test"]),
         "--train", str(small_data["train"]), "--max-new-tokens", "4",
         "--experiment", experiment, "--batch-size", "4",
     ]  # fmt: skip
@@ -196,7 +194,7 @@ def test_evaluate_runs_on_a_registered_version_with_no_other_flag(local_ray, eva
     logged, the version tagged."""
     name, mv, experiment, argv = evaluated
     data = argv[argv.index("--data") + 1]
-    argv = ["--model", f"models:/{name}@candidate", "--data", data, "--experiment", experiment,
+    argv = ["--artifact", f"models:/{name}@candidate", "--data", data, "--experiment", experiment,
             "--baselines", "all", "--positive-label", "red_circle", "--target-precision", "0.9",
             "--max-new-tokens", "2"]  # fmt: skip
     assert evaluate_job.main(argv) == 0

@@ -3,7 +3,6 @@ the fit ends with the same artifact as an undisturbed run."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -30,22 +29,6 @@ def extract_actor_pids() -> set[int]:
         except psutil.Error:
             pass
     return pids
-
-
-@pytest.fixture(scope="module")
-def big_manifest(demo_data, tmp_path_factory):
-    """The demo training set five times over (300 rows), so the fit lasts long enough to kill."""
-    base = demo_data["train"].parent
-    rows = [json.loads(line) for line in demo_data["train"].read_text().splitlines()]
-    out = tmp_path_factory.mktemp("big") / "train.jsonl"
-    with out.open("w") as f:
-        for copy in range(5):
-            for r in rows:
-                f.write(
-                    json.dumps({**r, "image": str(base / r["image"]), "id": f"{copy}-{r['image']}"})
-                    + "\n"
-                )
-    return out
 
 
 def test_killed_actor_gives_the_undisturbed_artifact(

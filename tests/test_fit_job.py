@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sav_ray.cli import fit as fit_job
+from sav_ray.cli import predict as predict_job
 from sav_ray.core.artifact import load_artifact
 from sav_ray.core.manifest import read_manifest
 from sav_ray.pipelines.config import FitConfig, ModelConfig
@@ -18,9 +20,6 @@ from sav_ray.pipelines.fitting import fit
 from sav_ray.pipelines.predicting import accuracy, predict_table
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
-import fit as fit_job  # noqa: E402
-import predict as predict_job  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -49,9 +49,7 @@ def test_every_module_sits_in_a_layer() -> None:
 @pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_imports_go_down_the_layers_only(path: Path) -> None:
     own = ORDER.index(path.parent.name)
-    upward = [
-        m for m in imported_modules(path) if layer_of(m) and ORDER.index(layer_of(m)) > own
-    ]
+    upward = [m for m in imported_modules(path) if layer_of(m) and ORDER.index(layer_of(m)) > own]
     assert upward == [], f"{path.relative_to(ROOT)} imports a layer above its own: {upward}"
 
 

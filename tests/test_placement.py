@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
+from sav_ray.cli import fit as fit_job
 from sav_ray.core.errors import ConfigError
 from sav_ray.pipelines.config import FitConfig
 from sav_ray.pipelines.placement import AUTO, NodeResources, choose_device, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
-import fit as fit_job  # noqa: E402
 
 CPU_NODE = NodeResources("10.0.0.1", cpus=8, gpus=0)
 GPU_NODES = [NodeResources("10.0.0.2", cpus=16, gpus=4), NodeResources("10.0.0.3", cpus=16, gpus=2)]

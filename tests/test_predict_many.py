@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from sav_ray.cli import predict as predict_job
 from sav_ray.core.artifact import write_artifact
 from sav_ray.core.manifest import ManifestFields, read_manifest
 from sav_ray.core.prompts import PromptConfig
@@ -18,7 +19,6 @@ from sav_ray.pipelines.predicting import ClassifyRows
 from sav_ray.pipelines.preprocess import object_column, preprocess_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-import predict as predict_job  # noqa: E402
 
 ASKED = PromptConfig(text_template="Answer in one word. {text}")
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
+from sav_ray.cli import fit as fit_job
 from sav_ray.core.errors import ConfigError
 from sav_ray.core.manifest import read_manifest
 from sav_ray.core.models import find_heads, load_model
@@ -18,8 +18,6 @@ from sav_ray.pipelines.config import ModelConfig
 from sav_ray.pipelines.preflight import check_model, load_config, meta_model
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
-import fit as fit_job  # noqa: E402
 
 
 def copy_without(src: Path, out: Path, drop) -> Path:

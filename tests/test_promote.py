@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
+from sav_ray.cli import promote as promote_job
 from sav_ray.tracking import registry
 from sav_ray.tracking import runs as tracking
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
-import promote as promote_job  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 import uuid
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from sav_ray.cli import fit as fit_job
 from sav_ray.core.artifact import SCHEMA_VERSION
 from sav_ray.core.classify import predict_examples
 from sav_ray.core.errors import ConfigError
@@ -21,8 +21,6 @@ from sav_ray.tracking import registry
 from sav_ray.tracking import runs as tracking
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
-import fit as fit_job  # noqa: E402
 
 
 def unique(prefix: str) -> str:

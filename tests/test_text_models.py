@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sav_ray.cli import fit as fit_job
+from sav_ray.cli import predict as predict_job
 from sav_ray.core.capture import LayerCounter, capture_inputs
 from sav_ray.core.models import LoadedModel, decoder_layers, find_heads, model_class
 from sav_ray.core.prompts import Example, PromptConfig, encode
@@ -30,9 +31,6 @@ from sav_ray.fixtures.tiny import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
-import fit as fit_job  # noqa: E402
-import predict as predict_job  # noqa: E402
 
 PROMPT = PromptConfig()
 TEXTS = [

@@ -14,6 +14,10 @@ message, with Ray's full traceback written to a log file whose path the line nam
 Ray Data reports an actor whose constructor raised only as `ActorDiedError`, without the
 original exception; `report_init_errors` makes a model actor keep that exception and raise
 it from its first call instead, so its message reaches the driver.
+
+A job stopped by SIGTERM (`ray job stop`, a scheduler) or SIGINT (Ctrl-C) raises `JobStopped`
+where it is; the blocks it unwinds clean up (the MLflow run ends KILLED, a registered version
+of the run is deleted, a half-written artifact removed), and the job exits 128 + the signal.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ import functools
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -106,8 +112,12 @@ def job_main(body: Callable[[list[str] | None], int]) -> Callable[[list[str] | N
 
     @functools.wraps(body)
     def main(argv: list[str] | None = None) -> int:
+        stop_on_signals()
         try:
             return body(argv)
+        except JobStopped as e:
+            print(f"stopped by {e}", file=sys.stderr)
+            return 128 + e.signum
         except Exception as e:
             message = user_message(e)
             if message is None:
@@ -119,6 +129,46 @@ def job_main(body: Callable[[list[str] | None], int]) -> Callable[[list[str] | N
             return 2
 
     return main
+
+
+class JobStopped(KeyboardInterrupt):
+    """The job was asked to stop by a signal. A KeyboardInterrupt, so whatever already cleans
+    up after Ctrl-C cleans up after SIGTERM too."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_stopping_on_signals = False
+
+
+def stop_on_signals() -> None:
+    """Make SIGTERM and SIGINT raise `JobStopped` in the main thread; a second signal while the
+    first one's cleanup runs ends the process at once. Call again after `ray.init`, which sets
+    its own SIGTERM handler (a bare `sys.exit`) on the driver."""
+    global _stopping_on_signals
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_DFL)
+        raise JobStopped(signum)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, handler)
+    # `ray job submit` starts the entrypoint with SIGINT blocked (Ray blocks it in its own
+    # processes): unblock it, so Ctrl-C in a job's terminal and RAY_JOB_STOP_SIGNAL=SIGINT work.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    _stopping_on_signals = True
+
+
+def restore_stop_handlers() -> None:
+    """After `ray.init`: put back `stop_on_signals` if the job had it (a library caller keeps
+    whatever handlers it had)."""
+    if _stopping_on_signals:
+        stop_on_signals()
 
 
 class _WithoutTraceback(logging.Formatter):

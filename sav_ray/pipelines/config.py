@@ -6,15 +6,17 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from sav_ray.core.artifact import BaseModelInfo
 from sav_ray.core.errors import ConfigError
 from sav_ray.core.manifest import ManifestFields
 from sav_ray.core.prompts import PromptConfig
 from sav_ray.core.reduce import SELECTION_METHODS
 from sav_ray.core.resolution import DEFAULT_VIDEO_FRAMES, Preprocessing
+from sav_ray.pipelines.logs import add_verbose_arg
 from sav_ray.pipelines.placement import AUTO
 
 
@@ -162,12 +164,13 @@ class FitConfig(ModelConfig):
         return {k: ("" if v is None else v) for k, v in asdict(self).items()}
 
     @classmethod
-    def parser(cls) -> argparse.ArgumentParser:
+    def parser(cls, prog: str = "jobs/fit.py") -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(
-            prog="jobs/fit.py",
+            prog=prog,
             description="Fit a Sparse Attention Vector classifier on Ray and write its artifact.",
         )
         add_model_args(p)
+        add_verbose_arg(p)
         p.add_argument(
             "--train", default="", help="labelled manifest: .jsonl, .json, .parquet or .csv"
         )
@@ -213,15 +216,8 @@ class FitConfig(ModelConfig):
             help="refit from saved vectors, without the model",
         )
         p.add_argument("--vectors-dtype", default="float32", choices=("float32", "float16"))
-        p.add_argument(
-            "--image-field",
-            default="image",
-            help="image field(s), comma-separated (default: image); '' for text-only rows",
-        )
-        p.add_argument("--text-field", default="question")
-        p.add_argument("--label-field", default="label")
-        p.add_argument("--id-field", default=None)
-        add_video_args(p)
+        add_manifest_args(p)
+        add_video_frames_arg(p)
         p.add_argument(
             "--text-template", default="{text}", help="prompt text; {text} is the row's text"
         )
@@ -268,7 +264,11 @@ class FitConfig(ModelConfig):
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> FitConfig:
-        ns = cls.parser().parse_args(argv)
+        return cls.from_namespace(cls.parser().parse_args(argv))
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> FitConfig:
+        """The config of parsed flags; flags that are not fields (--verbose) are left out."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in vars(ns).items() if k in names}).validate()
 
@@ -288,8 +288,16 @@ def read_chat_template(path: str | None) -> str | None:
     return text
 
 
-def add_video_field_arg(p: argparse.ArgumentParser) -> None:
-    """--video-field, shared by the jobs that read manifests."""
+def add_manifest_args(p: argparse.ArgumentParser) -> None:
+    """Which manifest fields hold what: shared by every job that reads a manifest."""
+    p.add_argument(
+        "--image-field",
+        default="image",
+        help="image field(s), comma-separated (default: image); '' for text-only rows",
+    )
+    p.add_argument("--text-field", default="question", help="the row's text (default: question)")
+    p.add_argument("--label-field", default="label", help="the row's label (default: label)")
+    p.add_argument("--id-field", default=None, help="a row id carried into the results")
     p.add_argument(
         "--video-field",
         default=None,
@@ -298,8 +306,14 @@ def add_video_field_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_video_args(p: argparse.ArgumentParser) -> None:
-    add_video_field_arg(p)
+def manifest_fields(ns: argparse.Namespace) -> ManifestFields:
+    """The fields `add_manifest_args` parsed."""
+    return ManifestFields.from_flags(
+        ns.image_field, ns.text_field, ns.label_field, ns.id_field, ns.video_field
+    )
+
+
+def add_video_frames_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--video-frames",
         type=int,
@@ -311,13 +325,30 @@ def add_video_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The flags shared by every job that runs the frozen model."""
+def add_model_args(p: argparse.ArgumentParser, *, for_artifact: bool = False) -> None:
+    """The flags shared by every job that runs the frozen model (fit, predict, evaluate).
+    `for_artifact`: the job runs an artifact's base model, and --model only says where to read
+    it from (e.g. a local mirror); see `artifact_model`."""
     p.add_argument(
-        "--model", default="", help="hub id or local folder of an image-text-to-text model"
+        "--model",
+        default="",
+        help="where to read the artifact's base model from (default: the hub id or folder it "
+        "records; its geometry and revision must still match)"
+        if for_artifact
+        else "hub id or local folder of an image-text-to-text model or causal LM",
     )
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     add_runtime_args(p)
+
+
+def artifact_model(ns: argparse.Namespace, base: BaseModelInfo) -> tuple[ModelConfig, str]:
+    """The model config of a job that runs an artifact's base model (`add_model_args` flags,
+    for_artifact), and the words that name where it came from in an error."""
+    model = ModelConfig.from_namespace(ns)
+    if model.model:
+        return model, "--model"
+    located = replace(model, model=base.name_or_path, revision=model.revision or base.revision)
+    return located, "the artifact's base model"
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:

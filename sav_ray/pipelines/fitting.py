@@ -23,11 +23,12 @@ import numpy as np
 
 from sav_ray.core import calibration, reduce
 from sav_ray.core.artifact import BaseModelInfo, Calibration, SavArtifact, Selection
-from sav_ray.core.errors import ConfigError, quiet_ray_data_tracebacks
+from sav_ray.core.errors import ConfigError, quiet_ray_data_tracebacks, restore_stop_handlers
 from sav_ray.core.manifest import check_image_files, read_manifest, validate_for_fit
 from sav_ray.core.prompts import PromptConfig
 from sav_ray.core.resolution import NO_LIMITS, Preprocessing, nothing_applied
 from sav_ray.pipelines.config import FitConfig, ModelConfig
+from sav_ray.pipelines.logs import quiet_ray_data, ray_init_kwargs
 from sav_ray.pipelines.placement import AUTO
 from sav_ray.pipelines.preprocess import preprocessing_applied, with_video_input
 from sav_ray.pipelines.remote_sums import RemoteClassSums, accumulate
@@ -56,10 +57,12 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or "local"
-        kwargs: dict[str, Any] = {"address": address, "log_to_driver": True}
+        kwargs: dict[str, Any] = {"address": address, "log_to_driver": True, **ray_init_kwargs()}
         if address == "local":
             kwargs.update(num_cpus=num_cpus, include_dashboard=False)
         ray.init(**kwargs)
+        restore_stop_handlers()  # ray.init replaced the job's SIGTERM handler
+    quiet_ray_data()
     # Keep the core's own exception (e.g. "row 31: ...") instead of a generic UserCodeException,
     # so jobs can print the user's mistake rather than a remote traceback.
     ray.data.DataContext.get_current().raise_original_map_exception = True
@@ -329,7 +332,7 @@ def vote_accuracy(ds: Any, artifact: SavArtifact) -> float:
 
 
 def write_vectors(ds: Any, out_dir: str, meta: dict[str, Any]) -> None:
-    """The vectors dataset (DESIGN.md): Parquet rows `id`, `label`, `vectors`, plus a JSON sidecar."""
+    """The vectors dataset (docs/design.md): Parquet rows `row`, `id`, `label`, `vectors`, plus a JSON sidecar."""
     path = Path(out_dir)
     if path.exists() and any(path.iterdir()):
         raise ConfigError(f"--save-vectors {out_dir}: folder is not empty; choose a new one")

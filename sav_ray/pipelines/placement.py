@@ -250,8 +250,10 @@ def load_actor_model(cfg: ModelConfig, expect: BaseModelInfo | None = None) -> L
     import torch
 
     from sav_ray.core.models import load_model
+    from sav_ray.pipelines.logs import quiet_progress_bars
 
     placement = actor_placement()  # before anything initialises CUDA
+    quiet_progress_bars()  # one loading bar per actor would only clutter the job's output
     if cfg.cpus_per_actor >= 1:
         torch.set_num_threads(int(cfg.cpus_per_actor))
     on_gpu = placement["device"].startswith("cuda")
