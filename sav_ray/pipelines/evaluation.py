@@ -372,40 +372,6 @@ def binary_report(
     return out
 
 
-def reliability_figure(records: list[dict[str, Any]], labels: list[str], bins: int = 10) -> Any:
-    """Reliability diagram: accuracy against confidence in equal bins, for the vote shares and
-    (where the SAV has them) the probabilities; the diagonal is perfect calibration."""
-    from matplotlib.figure import Figure
-
-    index = {label: i for i, label in enumerate(labels)}
-    true_idx = np.array([index[str(r["true_label"])] for r in records])
-    curves = {
-        "vote share": (
-            np.array([float(r["sav_confidence"]) for r in records]),
-            np.array([int(r["sav"]) for r in records]) == true_idx,
-        )
-    }
-    probs = sav_probabilities(records)
-    if probs is not None:
-        curves["probability"] = (probs.max(axis=1), probs.argmax(axis=1) == true_idx)
-    fig = Figure(figsize=(6, 6))
-    ax = fig.subplots()
-    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
-    for name, (confidence, correct) in curves.items():
-        points = calibration.reliability_bins(confidence, correct, bins)
-        xs, ys = [x for _, x, _ in points], [y for _, _, y in points]
-        ece = expected_calibration_error(confidence, correct, bins)
-        ax.plot(xs, ys, "o-", label=f"{name} (ECE {ece:.3f})")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence (top vote share or top probability)")
-    ax.set_ylabel("accuracy")
-    ax.set_title("SAV reliability on the evaluation rows", fontsize="medium")
-    ax.legend(loc="upper left", fontsize="small")
-    fig.tight_layout()
-    return fig
-
-
 def format_table(report: dict[str, Metrics], k: int, num_heads: int) -> str:
     """The methods side by side, as printed by jobs/evaluate.py."""
     names = {
@@ -422,29 +388,3 @@ def format_table(report: dict[str, Metrics], k: int, num_heads: int) -> str:
             f"{ece_p:>8}"
         )
     return "\n".join(lines)
-
-
-def confusion_figure(m: Metrics, title: str) -> Any:
-    """A matplotlib Figure of the confusion matrix (rows: true label, columns: predicted)."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, renders with Agg
-
-    c = len(m.labels)
-    size = min(14, 2.5 + 0.5 * c)
-    fig = Figure(figsize=(size + 1, size))
-    ax = fig.subplots()
-    image = ax.imshow(m.confusion, cmap="Blues")
-    ax.set_xticks(range(c), m.labels, rotation=45, ha="right")
-    ax.set_yticks(range(c), m.labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"{title}: accuracy {m.accuracy:.3f}")
-    if c <= 30:
-        threshold = m.confusion.max() / 2
-        for i in range(c):
-            for j in range(c):
-                value = int(m.confusion[i, j])
-                colour = "white" if value > threshold else "black"
-                ax.text(j, i, str(value), ha="center", va="center", color=colour, fontsize=8)
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    return fig

@@ -34,6 +34,7 @@ import numpy as np
 
 from sav_ray.core.errors import ConfigError, user_message
 from sav_ray.pipelines.placement import format_placements
+from sav_ray.tracking.plots import confusion_figure, head_heatmap, k_curve_figure
 
 if TYPE_CHECKING:
     from sav_ray.core.artifact import SavArtifact
@@ -159,8 +160,10 @@ def experiment_id(name: str, uri: str) -> str:
 def run(
     experiment: str, uri: str, run_name: str, tags: dict[str, str] | None = None
 ) -> Iterator[Any]:
-    """An active MLflow run; FINISHED when the block ends, FAILED (with `sav.error`) if it raises."""
+    """An active MLflow run; FINISHED when the block ends, FAILED (with `sav.error`) if it
+    raises, KILLED if the job is stopped (SIGTERM, Ctrl-C)."""
     import mlflow
+    from mlflow.entities import RunStatus
 
     with mlflow.start_run(
         experiment_id=experiment_id(experiment, uri), run_name=run_name, tags=tags
@@ -168,9 +171,12 @@ def run(
         try:
             yield active
         except BaseException as e:
-            message = user_message(e) or f"{type(e).__name__}: {e}"
+            stopped = isinstance(e, KeyboardInterrupt)  # JobStopped (SIGTERM) or Ctrl-C
+            message = f"stopped by {e or 'SIGINT'}" if stopped else user_message(e)
             try:
-                mlflow.set_tag("sav.error", message[:4000])
+                mlflow.set_tag("sav.error", (message or f"{type(e).__name__}: {e}")[:4000])
+                if stopped:  # else the block's exit ends it FAILED
+                    mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
             except Exception:  # the original error matters more than its tag
                 pass
             raise
@@ -265,52 +271,6 @@ def log_fit(
     mlflow.set_tags(tags)
 
 
-def head_heatmap(scores: np.ndarray, heads: np.ndarray) -> Any:
-    """A matplotlib Figure of every head's score, layers x heads, the selected heads boxed."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, renders with Agg
-
-    scores = np.asarray(scores, dtype=np.float64)  # [layer, head]
-    heads = np.asarray(heads)  # [k, 2] (layer, head)
-    num_layers, num_heads = scores.shape
-    fig = Figure(figsize=(min(16, 2.5 + 0.3 * num_heads), min(16, 1.5 + 0.3 * num_layers)))
-    ax = fig.subplots()
-    image = ax.imshow(scores, origin="lower", aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    ax.scatter(
-        heads[:, 1], heads[:, 0], marker="s", s=60, facecolors="none", edgecolors="red",
-        label=f"selected (k={len(heads)})",
-    )  # fmt: skip
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_title("head scores (training examples nearest to their own class)")
-    ax.legend(loc="upper right", fontsize="small")
-    fig.colorbar(image, ax=ax, label="score")
-    fig.tight_layout()
-    return fig
-
-
-def k_curve_figure(curve: Any, chosen: int) -> Any:
-    """Leave-one-out vote accuracy and log loss against k (log scale), the chosen k marked."""
-    from matplotlib.figure import Figure
-
-    loss, _ = curve.best_log_loss()
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.subplots()
-    ax.plot(curve.ks, curve.accuracy(), "o-", color="tab:blue", label="leave-one-out accuracy")
-    ax.set_xscale("log")
-    ax.set_xlabel("k (heads voting)")
-    ax.set_ylabel("accuracy", color="tab:blue")
-    ax.axvline(chosen, color="grey", linestyle="--", label=f"chosen k = {chosen}")
-    other = ax.twinx()
-    other.plot(curve.ks, loss, "s-", color="tab:orange", label="log loss")
-    other.set_ylabel("log loss (at the best temperature)", color="tab:orange")
-    ax.set_title("choosing k: leave-one-out on the training set", fontsize="medium")
-    lines = ax.get_legend_handles_labels()
-    more = other.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower center", fontsize="small")
-    fig.tight_layout()
-    return fig
-
-
 def metric_key(*parts: str) -> str:
     """An MLflow metric name from parts (a label may hold characters MLflow refuses)."""
     return "/".join(re.sub(r"[^\w.\- ]", "_", p) for p in parts)
@@ -326,8 +286,6 @@ def log_evaluation(
     model when `model_id` is given, the positive label's figures (`binary`: `sav/roc_auc`, ...),
     each method's confusion matrix and the SAV's reliability diagram as PNGs."""
     import mlflow
-
-    from sav_ray.pipelines.evaluation import confusion_figure
 
     metrics: dict[str, float] = {}
     for key, value in (binary or {}).items():
