@@ -4,12 +4,18 @@
 folder as the MLflow artifact `sav`. MLflow copies the file into the model and runs it on load:
 it defines `SavModel` and hands an instance to `mlflow.models.set_model`. `load_context` loads
 the SAV through `load_artifact` (schema and hashes checked) and the base model from the
-artifact's recorded `name_or_path` and `revision`. sav-ray must be installed where it loads.
+artifact's recorded `name_or_path` and `revision`.
+
+sav-ray need not be installed where it loads: the model carries the package's source as its
+`code_paths` (code/sav_ray), and MLflow puts code/ first on `sys.path` before it runs this file,
+so a fresh process (`mlflow models serve/predict`, `spark_udf`) imports the logged copy. A process
+that imported sav_ray already keeps that one. Only the core is imported here (no Ray, no Serve);
+the environment is the model's requirements.txt (`registry.pip_requirements`).
 
 Input: a pandas DataFrame, one row per example
     text   str            the row's text (what the prompt's {text} becomes)
     image  str, optional  one image as the base64 of its encoded file (PNG, JPEG, WEBP, GIF,
-                          BMP, TIFF), decoded with the same limits as the server; null or ""
+                          BMP, TIFF), decoded within the core's image limits; null or ""
                           for a text-only row (a text LLM base model takes no image: an
                           image there is an error naming the row)
     video  str, optional  one video as the base64 of its file (mp4, webm, mov, mkv, avi, gif):

@@ -4,10 +4,14 @@
 `models:/NAME/VERSION`) and always ends in the project's one loader, `load_artifact`.
 
 A registered version is an MLflow pyfunc model logged from code (`sav_ray/tracking/pyfunc_model.py`,
-nothing pickled). Its folder, as `mlflow.artifacts.download_artifacts("models:/NAME@ALIAS")`
-gives it:
+nothing pickled) that carries the `sav_ray` package's source as its `code_paths`, so it loads
+where sav-ray is not installed: MLflow puts `code/` first on `sys.path` before it runs the model
+file, and `requirements.txt` pins only public packages (`pip_requirements`). `mlflow models
+serve/predict` and `spark_udf` can build its environment. Its folder, as
+`mlflow.artifacts.download_artifacts("models:/NAME@ALIAS")` gives it:
 
-    MLmodel, python_model.py, requirements.txt, python_env.yaml, conda.yaml
+    MLmodel, pyfunc_model.py, requirements.txt, python_env.yaml, conda.yaml
+    code/sav_ray/             the package's source as it was when the version was logged
     artifacts/sav/            the SAV artifact: sav.json, centroids.safetensors, head_scores...
 
 Tags on the registered model and on each version: `base_model`, `revision`, `schema_version`,
@@ -41,18 +45,28 @@ from sav_ray.tracking.runs import SAV_SUBDIR, tracking_uri
 
 CANDIDATE = "candidate"
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # sav_ray/, logged as the model's code
+CODE_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo")
 MODEL_NAME = "sav"  # the LoggedModel's name inside the fit run
 ACCURACY_TAG = "eval.accuracy"
 DATA_TAG = "eval.data_sha256"
-# Installed with the model's environment; sav-ray itself is installed from its checkout.
-REQUIREMENTS = (
+# What a registered model imports when it loads and predicts: pyfunc_model.py and the core
+# under it (artifact, models, processors, classify, images, video), nothing of Ray, Serve or
+# the plots. sav-ray itself is not listed: no package index has it, and the model carries its
+# source (code/sav_ray). Pinned to the versions installed where the version is logged, i.e.
+# where its predictions were made and checked:
+RUNTIME_REQUIREMENTS = (
+    "mlflow",  # loads the pyfunc (and brings pandas, pyarrow, ...)
+    "pandas",  # pyfunc_model.py's input and output frames
     "torch",
-    "transformers",
-    "accelerate",
-    "safetensors",
-    "jsonschema",
+    "transformers",  # the base model and its processor
+    "accelerate",  # transformers loads the weights through it when it is installed
+    "safetensors",  # centroids.safetensors
+    "jsonschema",  # sav.json is validated on load
     "numpy",
-    "pillow",
+    "pillow",  # the `image` column
+    "av",  # the `video` column (sav_ray.core.video)
+    "num2words",  # SmolVLM's processor imports it
 )
 
 
@@ -220,10 +234,12 @@ def pyfunc_signature() -> Any:
 
 
 def pip_requirements() -> list[str]:
-    """Pinned requirements of the model's environment (explicit, so MLflow does not load the
-    model to infer them)."""
-    pins = [f"sav-ray=={__version__}", f"mlflow=={version('mlflow')}"]
-    for dist in REQUIREMENTS:
+    """`name==version` of each RUNTIME_REQUIREMENTS distribution installed here: what the
+    model's environment needs, all on the public PyPI (explicit, so MLflow does not load the
+    model to infer them). A local version label is dropped (torch `2.5.1+cpu` -> `2.5.1`): the
+    index of such builds is not PyPI, and PyPI's wheel of the same release computes the same."""
+    pins = []
+    for dist in RUNTIME_REQUIREMENTS:
         try:
             pins.append(f"{dist}=={version(dist).split('+')[0]}")
         except PackageNotFoundError:
@@ -248,6 +264,9 @@ def register_artifact(
         # download_artifact finds it whatever --output was called.
         staged = Path(staging.name) / SAV_SUBDIR
         shutil.copytree(artifact_dir, staged)
+        # The package's source, without bytecode, becomes the model's code/sav_ray.
+        code = Path(staging.name) / "code" / PACKAGE_DIR.name
+        shutil.copytree(PACKAGE_DIR, code, ignore=CODE_IGNORE)
         with warnings.catch_warnings():
             # The signature is given; an input example would load the base model at log time.
             warnings.filterwarnings("ignore", message="(?i).*input example", category=UserWarning)
@@ -255,9 +274,13 @@ def register_artifact(
                 name=MODEL_NAME,
                 python_model=str(PYFUNC_FILE),
                 artifacts={SAV_SUBDIR: str(staged)},
+                code_paths=[str(code)],
                 signature=pyfunc_signature(),
                 pip_requirements=pip_requirements(),
-                metadata={"sav_schema_version": artifact.schema_version},
+                metadata={
+                    "sav_schema_version": artifact.schema_version,
+                    "sav_ray_version": __version__,  # of the source in code/sav_ray
+                },
                 registered_model_name=name,
             )
         number = str(info.registered_model_version)
