@@ -1,4 +1,4 @@
-"""The SAV artifact: the one writer and the one loader (DESIGN.md, "Artifact directory").
+"""The SAV artifact: the one writer and the one loader (docs/design.md, "Artifact").
 
 An artifact is a directory holding
     sav.json                  labels, heads, base model, prompt, preprocessing, selection,

@@ -1,5 +1,5 @@
 """Classify inputs with a SAV artifact: capture only the selected heads' layers, stop the
-forward pass after the deepest one, and let each selected head vote (DESIGN.md).
+forward pass after the deepest one, and let each selected head vote (docs/design.md, "Method").
 
 Used by `jobs/predict.py` (Ray Data: rows preprocessed in CPU tasks), the MLflow pyfunc
 wrapper and the Serve deployment (`predict_examples`: the same per-row processing and collate,

@@ -1,6 +1,6 @@
 """Input manifests: JSONL, JSON, Parquet or CSV rows read into one normalised Arrow table.
 
-A manifest row names zero or more images, a text and a label (DESIGN.md, "Input manifest").
+A manifest row names zero or more images, a text and a label (docs/design.md, "Input manifest").
 `read_manifest` returns a table (`MANIFEST_SCHEMA`) with the columns
 
     row     int64          1-based data row number, used in every message about the row

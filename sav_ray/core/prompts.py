@@ -1,4 +1,4 @@
-"""Prompts: how a manifest row becomes one chat turn for the model (DESIGN.md, "Prompt").
+"""Prompts: how a manifest row becomes one chat turn for the model (docs/design.md, "Prompt").
 
 By default one user turn holds the row's video (if any), its images in order, then its text;
 the chat template is applied with the generation prompt appended, and vectors are read at the

@@ -1,6 +1,6 @@
 """The SAV reducer: class sums, head scores, head selection and voting, in pure numpy.
 
-Pipeline (DESIGN.md "Selection and voting"):
+Pipeline (docs/design.md, "Selection and voting"):
   1. `ClassSums.from_batch` per batch of vectors, `merge` the partials (any order) -> `centroids()`.
      With `present_only=True` a batch's partial holds only the classes in it, so its size does
      not grow with the label set; `add` accumulates such partials into one total in place.
