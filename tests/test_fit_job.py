@@ -47,6 +47,9 @@ def test_one_forward_pass_per_training_example(one_actor):
     artifact, stats, _ = one_actor
     assert stats.examples == 60
     assert stats.forward_rows == 60  # rows counted by a hook on the first decoder layer
+    # the actors' timings come back beside the vectors: the forward is part of each call
+    assert 0 < stats.forward_seconds <= stats.busy_seconds
+    assert stats.forward_share == stats.forward_seconds / stats.busy_seconds
 
 
 def test_auto_placement_on_a_cpu_cluster_is_one_cpu_actor(one_actor):

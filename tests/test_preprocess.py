@@ -88,7 +88,6 @@ def test_forward_inputs_drop_what_the_forward_does_not_take(tiny_model):
 def test_vectors_preprocessed_on_ray_equal_one_process(
     arch, local_ray, tiny_model_dir, tiny_model, manifest, manifest_examples
 ):
-    from sav_ray.bench.preprocess import forward_share_row
     from sav_ray.pipelines.fitting import vectors_dataset
 
     model = ModelConfig(model=str(tiny_model_dir(arch)), batch_size=len(ROWS))
@@ -98,9 +97,8 @@ def test_vectors_preprocessed_on_ray_equal_one_process(
     examples, _ = manifest_examples(manifest)
     expected = capture_examples(tiny_model(arch), examples, PROMPT)
     np.testing.assert_allclose(vectors, expected, atol=1e-5, rtol=0)
-    row = forward_share_row(ds)
-    assert 0 < row.measured["forward_s"] <= row.measured["busy_s"]
-    assert 0 < row.value <= 1
+    forward, busy = float(ds.sum("forward_seconds")), float(ds.sum("busy_seconds"))
+    assert 0 < forward <= busy  # the actor's forward pass is part of its call
 
 
 def test_qwen_limits_become_the_processors_size(tiny_model):

@@ -1,14 +1,14 @@
 """Benchmark rows of preprocessing: the model actor's forward share, and resolution's token cost.
 
-- `forward_share`: with the processor in Ray Data CPU tasks, the model actor only collates,
+- `forward_share_row`: with the processor in Ray Data CPU tasks, the model actor only collates,
   moves, runs the forward pass and captures. The actor times its forward pass and its whole
-  `__call__` (columns `forward_seconds`, `busy_seconds` of the vectors dataset, summed here);
-  the row is their ratio, target >= 0.9.
+  `__call__`; the fit sums both over its batches (`FitStats.forward_seconds`, `busy_seconds`);
+  the row is their ratio, from the benchmark's own fit, target >= 0.9.
 - `visual_tokens`: visual tokens one large image (1920x1080) costs a Qwen2-VL processor at its
   checkpoint's default resolution and at a `--max-image-pixels` limit, counted as the image
   tokens in the prompt the language model reads.
 
-    row = forward_share(ModelConfig(model="data/bench_model", batch_size=8), "train.jsonl")
+    row = forward_share_row(fit(cfg)[1])
     row = visual_tokens(max_image_pixels=448 * 448)
 """
 
@@ -23,24 +23,23 @@ from sav_ray.bench.rows import Row
 from sav_ray.core.model_inputs import encode_row
 from sav_ray.core.prompts import Example, PromptConfig
 from sav_ray.core.resolution import Preprocessing
-from sav_ray.pipelines.config import ModelConfig
+from sav_ray.pipelines.fitting import FitStats
 
 # Qwen2-VL-7B-Instruct's preprocessor_config.json: min_pixels, max_pixels (28x28 px per token).
 QWEN2_VL_MIN_PIXELS, QWEN2_VL_MAX_PIXELS = 56 * 56, 28 * 28 * 16384
 PIXELS_PER_TOKEN = 28 * 28
 
 
-def forward_share_row(vectors: Any) -> Row:
-    """The row from a vectors dataset fresh from the model actors (Ray Dataset, materialised)."""
-    forward = float(vectors.sum("forward_seconds"))
-    busy = float(vectors.sum("busy_seconds"))
+def forward_share_row(stats: FitStats) -> Row:
+    """The row from a fit's stats (a fit that ran the model, not one from saved vectors)."""
+    forward, busy = stats.forward_seconds, stats.busy_seconds
     return Row(
         key="actor_forward_share",
         title="Share of the model actor's busy time spent in the forward pass",
         value=forward / busy if busy else float("nan"),
         op=">=",
         threshold=0.9,
-        measured={"forward_s": forward, "busy_s": busy, "rows": vectors.count()},
+        measured={"forward_s": forward, "busy_s": busy, "rows": stats.examples},
         note=(
             "sums over the fit's batches of the actor's forward-pass time and of its whole "
             "__call__ (unpack, collate, move to device, forward, capture, output); the "
@@ -52,16 +51,6 @@ def forward_share_row(vectors: Any) -> Row:
             "GPU with small batches)"
         ),
     )
-
-
-def forward_share(model: ModelConfig, manifest: str) -> Row:
-    """Run the fit's extraction (preprocess in CPU tasks, model actors) over `manifest`."""
-    from sav_ray.core.manifest import read_manifest
-    from sav_ray.pipelines.fitting import init_ray, vectors_dataset
-
-    init_ray()
-    table = read_manifest(manifest)
-    return forward_share_row(vectors_dataset(table, model, PromptConfig(), "float32").materialize())
 
 
 def qwen2_vl_processor() -> Any:

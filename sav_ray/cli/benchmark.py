@@ -53,7 +53,7 @@ from sav_ray.core.prompts import PromptConfig
 from sav_ray.fixtures import geometries
 from sav_ray.fixtures.demo_data import make_dataset
 from sav_ray.fixtures.tiny import build_tiny_model
-from sav_ray.pipelines.config import FitConfig, ModelConfig
+from sav_ray.pipelines.config import FitConfig
 from sav_ray.pipelines.fitting import fit, init_ray
 from sav_ray.pipelines.logs import add_verbose_arg, set_verbosity
 from sav_ray.tracking import runs as tracking
@@ -236,11 +236,7 @@ def run_benchmark(
     )
     rows.append(row)
     rows.append(bench.fit_throughput(fit_rates, args.batch_size))
-    actor = ModelConfig(
-        model=str(model_dir), dtype=args.dtype, batch_size=args.batch_size,
-        gpus_per_actor=1.0 if device.startswith("cuda") else 0.0,
-    )  # fmt: skip
-    rows.append(bench_preprocess.forward_share(actor, str(data["train"])))
+    rows.append(bench_preprocess.forward_share_row(fits[args.batch_size][1]))
     rows.append(bench_preprocess.visual_tokens())
     rows.append(
         bench.utilisation(

@@ -47,9 +47,10 @@ def main(argv: list[str] | None) -> int:
     check_model_name(cfg.register)
     if cfg.output and Path(cfg.output).exists() and not cfg.overwrite:
         raise ConfigError(f"--output {cfg.output}: already exists; pass --overwrite to replace it")
+    table = None  # --from-vectors: no manifest
     if not cfg.from_vectors:
-        # Before Ray starts: the manifest (as fit() checks it), then the model from its config
-        # and processor files only.
+        # Before Ray starts: the manifest (as fit() checks it, read once: fit() takes it), then
+        # the model from its config and processor files only.
         table = read_manifest(cfg.train, cfg.manifest_fields)
         check_positive_label(cfg, validate_for_fit(table, cfg.selection))
         check_image_files(table)
@@ -61,7 +62,7 @@ def main(argv: list[str] | None) -> int:
     # The run ends FAILED if anything below raises, KILLED if the job is stopped (SIGTERM,
     # Ctrl-C): then no version is left, and a stopped fit leaves no artifact either.
     with fit_run(cfg) as run:
-        artifact, stats = fit(cfg)
+        artifact, stats = fit(cfg, table)
         out = cfg.output or run.scratch / "sav"
         artifact = write_artifact(artifact, out, overwrite=cfg.overwrite)  # whole or nothing
         try:

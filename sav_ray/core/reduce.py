@@ -22,8 +22,10 @@ import numpy as np
 
 SELECTION_METHODS = ("paper", "loo")
 
-# Size of one float64 array of a `head_hits` chunk; a chunk holds a few such arrays at once.
-_CHUNK_BYTES = 32 * 2**20
+# Size of one float64 array of a `head_hits` group of heads: small enough that a group's rows
+# stay in the CPU's cache between the copy and the product. 1 MiB measured 1.4x faster than
+# 32 MiB for `paper` and 2x for `loo` (1000-2000 rows x 784 heads x 128, 3 and 100 classes).
+_CHUNK_BYTES = 1 * 2**20
 _CHUNK_ROWS = 256  # `head_hits` rows at a time: the unit centroids are read once per chunk
 
 
@@ -261,9 +263,9 @@ def head_hits(
     vectors [n, layer, head, head_dim] must be examples already counted in `sums` (for `loo`,
     each is removed from its own class sum). Sums stand in for means: cosine ignores scale.
     Given `ScoringCentroids.of(sums, method)`, the centroids are not normalised again per batch.
-    `chunk_size` rows are processed at a time (default 256), in groups of heads of about
-    32 MiB per float64 array: with many classes, a chunk of few rows would read every head's
-    centroids (0.4 GB at 1000 classes x 28 x 28 x 128) for only those rows.
+    `chunk_size` rows are processed at a time (default 256), in cache-sized groups of heads
+    (about 1 MiB per float64 array): with many classes, a chunk of few rows would read every
+    head's centroids (0.4 GB at 1000 classes x 28 x 28 x 128) for only those rows.
     """
     _check_method(method)
     vectors = np.asarray(vectors)

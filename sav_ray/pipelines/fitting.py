@@ -45,10 +45,17 @@ class FitStats:
     extract_seconds: float  # manifest read to materialised vectors (0 with --from-vectors)
     placements: list[dict[str, Any]]  # one per model actor: {node, pid, gpu_ids, device}
     k_curve: calibration.LooCurve | None = None  # leave-one-out figures per candidate k
+    forward_seconds: float = 0.0  # summed over the model actors' batches: the forward pass
+    busy_seconds: float = 0.0  # and all of their __call__ (unpack, collate, move, capture)
 
     @property
     def examples_per_second(self) -> float:
         return self.examples / self.extract_seconds if self.extract_seconds else float("nan")
+
+    @property
+    def forward_share(self) -> float:
+        """Share of the model actors' busy time spent in the forward pass (NaN: no model ran)."""
+        return self.forward_seconds / self.busy_seconds if self.busy_seconds else float("nan")
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -146,6 +153,8 @@ def _sums_of_block(batch: dict[str, np.ndarray], labels: tuple[str, ...]) -> dic
     # Small per-block columns beside the sums come back to the driver (`first_pass`).
     if "forward_rows" in batch:  # fresh from the model actors, not read back from Parquet
         out["forward_rows"] = np.array([batch["forward_rows"].sum()])
+        out["forward_seconds"] = np.array([batch["forward_seconds"].sum()])
+        out["busy_seconds"] = np.array([batch["busy_seconds"].sum()])
         out["model_info"] = np.array([json.dumps(sorted(set(batch["model_info"])))])
         out["placement"] = np.array([json.dumps(sorted(set(batch["placement"])))])
     return out
@@ -185,6 +194,8 @@ class FirstPass:
 
     sums: RemoteClassSums  # the class sums, held by a Ray actor
     forward_rows: float  # rows the model ran (0 for saved vectors)
+    forward_seconds: float  # the actors' forward passes, summed (0 for saved vectors)
+    busy_seconds: float  # the actors' whole calls, summed
     info: BaseModelInfo | None  # the base model as the actors loaded it (None: saved vectors)
     placements: list[dict[str, Any]]  # where each model actor ran (sav_ray.pipelines.placement)
 
@@ -194,12 +205,15 @@ def first_pass(ds: Any, labels: tuple[str, ...]) -> FirstPass:
     sums, small = accumulate(labels, _partials(ds, _sums_of_block, labels=labels))
     # small: column -> one value per block (absent for saved vectors: no model ran)
     forward_rows = float(sum(small.get("forward_rows", [])))
+    forward_seconds = float(sum(small.get("forward_seconds", [])))
+    busy_seconds = float(sum(small.get("busy_seconds", [])))
     infos = {info for block in small.get("model_info", []) for info in json.loads(block)}
     if len(infos) > 1:
         raise RuntimeError(f"model actors disagree on the base model: {sorted(infos)}")
     info = BaseModelInfo.from_dict(json.loads(infos.pop())) if infos else None
     placements = {p for block in small.get("placement", []) for p in json.loads(block)}
-    return FirstPass(sums, forward_rows, info, sorted((json.loads(p) for p in placements), key=str))
+    placed = sorted((json.loads(p) for p in placements), key=str)
+    return FirstPass(sums, forward_rows, forward_seconds, busy_seconds, info, placed)
 
 
 def head_hits(ds: Any, sums: RemoteClassSums, method: str) -> reduce.HeadHits:
@@ -361,8 +375,10 @@ def check_positive_label(cfg: FitConfig, labels: tuple[str, ...]) -> None:
         )
 
 
-def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
-    """Run the whole fit and return the artifact (not yet written) and its stats."""
+def fit(cfg: FitConfig, table: Any | None = None) -> tuple[SavArtifact, FitStats]:
+    """Run the whole fit and return the artifact (not yet written) and its stats. `table`: the
+    training manifest as `read_manifest(cfg.train, cfg.manifest_fields)` gave it and
+    `check_image_files` passed it (a job that checked it before Ray started), else read here."""
     started = time.perf_counter()
     if cfg.from_vectors:
         init_ray()
@@ -377,10 +393,11 @@ def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
         ds = ds.materialize()
     else:
         info = None
-        table = read_manifest(cfg.train, cfg.manifest_fields)
+        if table is None:
+            table = read_manifest(cfg.train, cfg.manifest_fields)
+            check_image_files(table)
         labels = validate_for_fit(table, cfg.selection)
         check_positive_label(cfg, labels)
-        check_image_files(table)
         prompt, prep = cfg.prompt, cfg.preprocessing
         applied = preprocessing_applied(cfg.model, cfg.revision, prep)
         prep = with_video_input(cfg.model, cfg.revision, prep)
@@ -440,5 +457,7 @@ def fit(cfg: FitConfig) -> tuple[SavArtifact, FitStats]:
         extract_seconds=extract_seconds,
         placements=first.placements,
         k_curve=choice.curve,
+        forward_seconds=first.forward_seconds,
+        busy_seconds=first.busy_seconds,
     )
     return artifact, stats

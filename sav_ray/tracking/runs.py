@@ -225,6 +225,8 @@ def log_fit(
     }
     if math.isfinite(stats.examples_per_second):
         metrics["examples_per_second"] = stats.examples_per_second
+    if math.isfinite(stats.forward_share):
+        metrics["actor_forward_share"] = stats.forward_share
     if artifact.calibration is not None:
         metrics["temperature"] = artifact.calibration.temperature
         metrics["loo_accuracy"] = artifact.calibration.loo_accuracy
