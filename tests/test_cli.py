@@ -90,3 +90,13 @@ def test_no_file_refers_to_a_path_outside_the_repository():
             if OUTSIDE.search(line):
                 hits.append(f"{name}:{n + 1}: {line.strip()}")
     assert hits == []
+
+
+def test_a_job_run_in_process_gives_its_caller_back_the_signal_handlers(mlflow_store, capsys):
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    assert sav_ray_main(["promote", "no-such-model", "--tracking-uri", mlflow_store]) == 2
+    assert "error:" in capsys.readouterr().err
+    cli._invoked_as_command = False
+    assert {s: signal.getsignal(s) for s in before} == before

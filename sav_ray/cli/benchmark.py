@@ -45,7 +45,7 @@ import torch
 from sav_ray.bench import preprocess as bench_preprocess
 from sav_ray.bench import rows as bench
 from sav_ray.bench import serving as bench_serving
-from sav_ray.cli import prog
+from sav_ray.cli import job_parser, parse_job_args
 from sav_ray.core.artifact import write_artifact
 from sav_ray.core.errors import ConfigError, job_main
 from sav_ray.core.models import default_device, load_model
@@ -55,7 +55,6 @@ from sav_ray.fixtures.demo_data import make_dataset
 from sav_ray.fixtures.tiny import build_tiny_model
 from sav_ray.pipelines.config import FitConfig
 from sav_ray.pipelines.fitting import fit, init_ray
-from sav_ray.pipelines.logs import add_verbose_arg, set_verbosity
 from sav_ray.tracking import runs as tracking
 
 EXPERIMENT = "sav-ray-benchmark"
@@ -106,7 +105,7 @@ QUICK = Sizes(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog("benchmark"), description=__doc__.splitlines()[0])
+    p = job_parser("benchmark", __doc__)
     p.add_argument("--quick", action="store_true", help="smaller model, fewer repetitions")
     p.add_argument(
         "--model-config",
@@ -144,9 +143,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite in data/mlflow/)",
     )
-    add_verbose_arg(p)
-    args = p.parse_args(argv)
-    set_verbosity(args.verbose)
+    args = parse_job_args(p, argv)
     if args.batch_size < 2:
         p.error(f"--batch-size {args.batch_size}: must be at least 2 (row 3 compares it with 1)")
     if args.threads is not None and args.threads < 1:

@@ -13,16 +13,15 @@ Each step is the command line a user would type, printed before it runs (`sav-ra
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import subprocess
 import sys
 
-from sav_ray.cli import COMMAND, prog
+from sav_ray.cli import COMMAND, job_parser, parse_job_args
 from sav_ray.fixtures.demo_data import make_dataset
 from sav_ray.fixtures.tiny import build_demo_model
-from sav_ray.pipelines.logs import add_verbose_arg, set_verbosity
+from sav_ray.pipelines.logs import is_verbose
 from sav_ray.tracking.runs import project_root, tracking_uri
 
 
@@ -34,9 +33,9 @@ def run(command: str, *args: str, verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=prog("demo"), description=__doc__.splitlines()[0])
-    add_verbose_arg(p)
-    verbose = set_verbosity(p.parse_args(argv).verbose)
+    p = job_parser("demo", __doc__)
+    parse_job_args(p, argv)
+    verbose = is_verbose()  # --verbose, or SAV_LOG_LEVEL
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

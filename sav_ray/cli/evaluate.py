@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from sav_ray.cli import prog
+from sav_ray.cli import job_parser, parse_job_args
 from sav_ray.core.errors import (
     ConfigError,
     job_main,
@@ -46,7 +46,6 @@ from sav_ray.pipelines.evaluation import (
     summarize,
 )
 from sav_ray.pipelines.fitting import init_ray
-from sav_ray.pipelines.logs import add_verbose_arg, set_verbosity
 from sav_ray.pipelines.preflight import check_model
 from sav_ray.tracking import registry
 from sav_ray.tracking.plots import reliability_figure
@@ -54,7 +53,7 @@ from sav_ray.tracking.runs import log_evaluation, run, use_store
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog("evaluate"), description=__doc__.splitlines()[0])
+    p = job_parser("evaluate", __doc__)
     p.add_argument(
         "--artifact",
         required=True,
@@ -85,9 +84,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add_model_args(p, for_artifact=True)
     p.add_argument("--experiment", default="sav-ray", help="MLflow experiment name")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (see jobs/fit.py)")
-    add_verbose_arg(p)
-    args = p.parse_args(argv)
-    set_verbosity(args.verbose)
+    args = parse_job_args(p, argv)
     return args
 
 

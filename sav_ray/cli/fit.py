@@ -25,13 +25,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from sav_ray.cli import prog
+from sav_ray.cli import parse_job_args, prog
 from sav_ray.core.artifact import write_artifact
 from sav_ray.core.errors import ConfigError, job_main
 from sav_ray.core.manifest import check_image_files, read_manifest, validate_for_fit
 from sav_ray.pipelines.config import FitConfig
 from sav_ray.pipelines.fitting import check_positive_label, fit, init_ray
-from sav_ray.pipelines.logs import set_verbosity
 from sav_ray.pipelines.placement import format_placements, place
 from sav_ray.pipelines.preflight import check_model
 from sav_ray.tracking.registry import check_model_name, register_artifact
@@ -40,8 +39,7 @@ from sav_ray.tracking.runs import check_job_outputs, fit_run, log_fit
 
 @job_main
 def main(argv: list[str] | None) -> int:
-    args = FitConfig.parser(prog("fit")).parse_args(argv)
-    set_verbosity(args.verbose)
+    args = parse_job_args(FitConfig.parser(prog("fit")), argv)
     cfg = FitConfig.from_namespace(args)
     check_job_outputs(cfg)
     check_model_name(cfg.register)

@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sav_ray.cli import prog
+from sav_ray.cli import job_parser, parse_job_args
 from sav_ray.core.artifact import ArtifactError
 from sav_ray.core.classify import input_variants
 from sav_ray.core.errors import ConfigError, job_main
@@ -32,7 +32,6 @@ from sav_ray.pipelines.config import (
     manifest_fields,
 )
 from sav_ray.pipelines.fitting import init_ray
-from sav_ray.pipelines.logs import add_verbose_arg, set_verbosity
 from sav_ray.pipelines.predicting import (
     accuracy,
     predict_many,
@@ -45,7 +44,7 @@ from sav_ray.tracking.runs import check_job_path
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog("predict"), description=__doc__.splitlines()[0])
+    p = job_parser("predict", __doc__)
     p.add_argument(
         "--artifact",
         required=True,
@@ -58,9 +57,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="results file: .jsonl or .parquet")
     add_manifest_args(p)
     add_model_args(p, for_artifact=True)
-    add_verbose_arg(p)
-    args = p.parse_args(argv)
-    set_verbosity(args.verbose)
+    args = parse_job_args(p, argv)
     return args
 
 

@@ -16,15 +16,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sav_ray.cli import prog
+from sav_ray.cli import job_parser, parse_job_args
 from sav_ray.core.errors import job_main
-from sav_ray.pipelines.logs import add_verbose_arg, set_verbosity
 from sav_ray.tracking.registry import CANDIDATE, PromotionRefused, promote, rollback
 from sav_ray.tracking.runs import use_store
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog("promote"), description=__doc__.splitlines()[0])
+    p = job_parser("promote", __doc__)
     p.add_argument("name", help="registered model name")
     p.add_argument("--from", dest="source", default=CANDIDATE, help="alias to promote from")
     p.add_argument("--to", dest="target", default="production", help="alias to move")
@@ -32,9 +31,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--must-beat", default=None, metavar="ALIAS", help="refuse unless better")
     p.add_argument("--rollback", action="store_true", help="return --to to its previous version")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (see jobs/fit.py)")
-    add_verbose_arg(p)
-    args = p.parse_args(argv)
-    set_verbosity(args.verbose)
+    args = parse_job_args(p, argv)
     return args
 
 

@@ -7,13 +7,11 @@ The last step of `make demo`:
 local one. For a server that keeps running, use `serve run serve/config.yaml`.
 """
 
-import argparse
 import socket
 import sys
 
-from sav_ray.cli import prog
+from sav_ray.cli import job_parser, parse_job_args
 from sav_ray.core.errors import job_main
-from sav_ray.pipelines.logs import add_verbose_arg, set_verbosity
 
 
 def free_port() -> int:
@@ -24,15 +22,13 @@ def free_port() -> int:
 
 @job_main
 def main(argv: list[str] | None) -> int:
-    p = argparse.ArgumentParser(prog=prog("serve"), description=__doc__.splitlines()[0])
+    p = job_parser("serve", __doc__)
     p.add_argument("--ref", required=True, help="artifact folder or models:/NAME@ALIAS")
     p.add_argument("--data", required=True, help="manifest to classify over HTTP")
     p.add_argument("--name", default="demo", help="the served model name")
     p.add_argument("--port", type=int, default=0, help="HTTP port on 127.0.0.1 (0: a free one)")
     p.add_argument("--tracking-uri", default=None, help="MLflow store for a models:/ reference")
-    add_verbose_arg(p)
-    args = p.parse_args(argv)
-    set_verbosity(args.verbose)
+    args = parse_job_args(p, argv)
 
     from ray import serve
 

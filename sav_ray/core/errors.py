@@ -33,6 +33,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -112,9 +113,9 @@ def job_main(body: Callable[[list[str] | None], int]) -> Callable[[list[str] | N
 
     @functools.wraps(body)
     def main(argv: list[str] | None = None) -> int:
-        stop_on_signals()
         try:
-            return body(argv)
+            with stopping_on_signals():
+                return body(argv)
         except JobStopped as e:
             print(f"stopped by {e}", file=sys.stderr)
             return 128 + e.signum
@@ -140,35 +141,51 @@ class JobStopped(KeyboardInterrupt):
         self.signum = signum
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _stopping_on_signals = False
 
 
-def stop_on_signals() -> None:
-    """Make SIGTERM and SIGINT raise `JobStopped` in the main thread; a second signal while the
-    first one's cleanup runs ends the process at once. Call again after `ray.init`, which sets
-    its own SIGTERM handler (a bare `sys.exit`) on the driver."""
+@contextmanager
+def stopping_on_signals() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT raise `JobStopped` in the main thread; a second
+    signal while the first one's cleanup runs ends the process at once. The handlers and the
+    signal mask the process had come back after the block, so a job run in-process (a test, a
+    notebook) leaves its caller's as they were."""
     global _stopping_on_signals
     if threading.current_thread() is not threading.main_thread():
+        yield
         return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    # `ray job submit` starts the entrypoint with SIGINT blocked (Ray blocks it in its own
+    # processes): unblock it, so Ctrl-C in a job's terminal and RAY_JOB_STOP_SIGNAL=SIGINT work.
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    _install_stop_handlers()
+    _stopping_on_signals = True
+    try:
+        yield
+    finally:
+        _stopping_on_signals = False
+        for s, handler in previous.items():
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(s, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
+
+def _install_stop_handlers() -> None:
     def handler(signum: int, frame: Any) -> None:
-        for s in (signal.SIGTERM, signal.SIGINT):
+        for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_DFL)
         raise JobStopped(signum)
 
-    for s in (signal.SIGTERM, signal.SIGINT):
+    for s in STOP_SIGNALS:
         signal.signal(s, handler)
-    # `ray job submit` starts the entrypoint with SIGINT blocked (Ray blocks it in its own
-    # processes): unblock it, so Ctrl-C in a job's terminal and RAY_JOB_STOP_SIGNAL=SIGINT work.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    _stopping_on_signals = True
 
 
 def restore_stop_handlers() -> None:
-    """After `ray.init`: put back `stop_on_signals` if the job had it (a library caller keeps
-    whatever handlers it had)."""
+    """After `ray.init`, which sets its own SIGTERM handler (a bare `sys.exit`) on the driver:
+    put back the job's, inside `stopping_on_signals` (a library caller keeps its own)."""
     if _stopping_on_signals:
-        stop_on_signals()
+        _install_stop_handlers()
 
 
 class _WithoutTraceback(logging.Formatter):
